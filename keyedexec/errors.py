@@ -1,0 +1,30 @@
+"""Exceptions raised by keyedexec."""
+
+from __future__ import annotations
+
+__all__ = ["Cancelled", "DeadlineExceeded", "QueueFull"]
+
+
+class Cancelled(Exception):
+    """A context was cancelled (Go's ``context.Canceled``).
+
+    Returned by :meth:`Context.err` and reported by tasks that were skipped
+    because their context was cancelled before their turn came.
+    """
+
+
+class DeadlineExceeded(Cancelled, TimeoutError):
+    """A context's deadline passed (Go's ``context.DeadlineExceeded``).
+
+    A subclass of :class:`Cancelled` (``except Cancelled`` sees both) and of
+    :class:`TimeoutError`.
+    """
+
+
+class QueueFull(Exception):
+    """A key's queue is at its capacity and the submit could not wait.
+
+    Raised by ``TaskPool.submit`` when its ``timeout`` passes, and at once when a
+    job submits to its *own* key while that key's queue is full (waiting would
+    deadlock: the queue only drains once the submitting job returns).
+    """
