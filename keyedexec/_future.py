@@ -1,0 +1,174 @@
+"""KeyedFuture: a ``concurrent.futures.Future`` that is cheap to create and complete.
+
+The stdlib's ``Future.__init__`` builds a ``threading.Condition`` (about half a
+microsecond), and ``set_result`` takes it even when nobody waits. At millions of
+tasks per second that is most of the cost, so this subclass:
+
+* creates its condition, waiter list and callback list on first use only
+  (:class:`_Lazy`), and keeps PENDING/None defaults on the class, so a new
+  future is an empty object;
+* lets the worker claim and complete it without the condition. The state lives
+  in the instance ``__dict__``; PENDING is "no ``_state`` key yet". The worker
+  claims with ``__dict__.setdefault("_state", RUNNING)`` and ``cancel()`` with
+  ``setdefault("_state", CANCELLED)``: whoever writes first wins, atomically
+  (one dict operation, under the GIL or the dict's own lock when free-threaded).
+* completes by writing the outcome and then ``_state = FINISHED``, and only then
+  looks for a condition. Anyone who waits creates the condition *before* reading
+  the state, so either the worker sees the condition and notifies, or the waiter
+  sees FINISHED: no lost wake-up.
+
+Every stdlib operation still works (``wait``, ``as_completed``,
+``asyncio.wrap_future``, callbacks), because they all go through ``_condition``,
+``_state``, ``_waiters`` and ``_done_callbacks``, which behave as before.
+The native core performs the same claim and completion steps in C.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from typing import Any, Callable, Generic, TypeVar
+
+__all__ = ["KeyedFuture"]
+
+T = TypeVar("T")
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
+class _Lazy(Generic[T]):
+    """Non-data descriptor: builds the attribute on first access, once.
+
+    After the first access the value sits in the instance ``__dict__``, which
+    takes precedence over a non-data descriptor, so later reads are plain
+    attribute reads. ``setdefault`` keeps one value when two threads race.
+    """
+
+    __slots__ = ("factory", "name")
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self.factory = factory
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        value: T = obj.__dict__.setdefault(self.name, self.factory())
+        return value
+
+
+class KeyedFuture(Future):  # type: ignore[type-arg]
+    """The future returned by ``KeyedExecutor.submit`` and friends.
+
+    A ``concurrent.futures.Future`` in every respect; only cheaper.
+    """
+
+    # Class-level defaults stand in for the attributes Future.__init__ would set.
+    _state = PENDING
+    _result = None
+    _exception = None
+    _condition = _Lazy(threading.Condition)
+    _waiters = _Lazy(list)
+    _done_callbacks = _Lazy(list)
+
+    # Skip Future.__init__: everything it builds is lazy here.
+    __init__ = object.__init__  # type: ignore[assignment]
+
+    # -- lock-free reads: a single attribute read is atomic ---------------------
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED:
+            exc = self._exception
+            if exc is None:
+                return self._result
+            try:
+                raise exc
+            finally:
+                del exc  # no reference cycle through the traceback
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    # -- state transitions ----------------------------------------------------
+
+    def cancel(self) -> bool:
+        with self._condition:
+            state = self.__dict__.get("_state", PENDING)
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            # Atomic against the worker's claim (see the module docstring).
+            if self.__dict__.setdefault("_state", CANCELLED) != CANCELLED:
+                return False
+            self._condition.notify_all()
+        self._invoke_callbacks()
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        state = self.__dict__.setdefault("_state", RUNNING)
+        if state == RUNNING:
+            return True
+        if state == CANCELLED:
+            with self._condition:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            return False
+        raise RuntimeError(f"Future in unexpected state: {state}")
+
+    def _set_outcome(self, result: Any, exception: BaseException | None) -> None:
+        """Complete a claimed (RUNNING) future: the worker's fast path."""
+        d = self.__dict__
+        if exception is None:
+            d["_result"] = result
+        else:
+            d["_exception"] = exception
+        d["_state"] = FINISHED
+        if "_condition" in d:
+            self._wake_finished()
+
+    def _wake_finished(self) -> None:
+        """Slow path of completion: someone waits or registered a callback."""
+        with self._condition:
+            if "_waiters" in self.__dict__:
+                failed = self._exception is not None
+                for waiter in self._waiters:
+                    if failed:
+                        waiter.add_exception(self)
+                    else:
+                        waiter.add_result(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _cancel_queued(self) -> None:
+        """Cancel a future whose task will never run, and notify its waiters.
+
+        Used when the scheduler drops a queued task (``cancel_futures``, a
+        cancelled context): ``wait``/``as_completed`` see it as done at once.
+        """
+        if self.cancel():
+            try:
+                self.set_running_or_notify_cancel()
+            except RuntimeError:
+                pass  # already notified
+

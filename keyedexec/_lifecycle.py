@@ -1,0 +1,78 @@
+"""Process lifecycle for every live scheduler: interpreter exit and fork.
+
+Interpreter exit: like ``concurrent.futures.ThreadPoolExecutor``, accepted
+tasks are drained. The hook runs before ``threading`` joins non-daemon threads
+(``threading._register_atexit``), closes every scheduler to new work
+("cannot schedule new tasks after interpreter shutdown") and waits for its
+workers, which finish the queued tasks first.
+
+Fork: each scheduler's lock is held across ``os.fork()`` so the child inherits
+consistent state. In the child the inherited scheduler has no threads: it is
+closed (submit raises a clear RuntimeError) and its queued futures are
+cancelled, so nothing in the child waits forever. A new executor works there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+_live: weakref.WeakSet[Any] = weakref.WeakSet()
+_lock = threading.Lock()
+_exiting = False
+_forking: list[Any] = []
+
+
+def register(scheduler: Any) -> None:
+    """Track a new scheduler (weakly) for exit and fork handling."""
+    with _lock:
+        _live.add(scheduler)
+        exiting = _exiting
+    if exiting:
+        scheduler._close_for_exit()
+
+
+def _python_exit() -> None:
+    global _exiting
+    with _lock:
+        _exiting = True
+        schedulers = list(_live)
+    for s in schedulers:
+        s._close_for_exit()
+    for s in schedulers:
+        s.join()
+
+
+def _before_fork() -> None:
+    _lock.acquire()
+    # A stable order, in case two forks ever race (they hold _lock anyway).
+    _forking[:] = sorted(_live, key=id)
+    for s in _forking:
+        s._before_fork()
+
+
+def _after_fork_parent() -> None:
+    for s in reversed(_forking):
+        s._after_fork_parent()
+    _forking.clear()
+    _lock.release()
+
+
+def _after_fork_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    schedulers = list(_forking)
+    _forking.clear()
+    for s in schedulers:
+        s._after_fork_child()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_parent,
+        after_in_child=_after_fork_child,
+    )

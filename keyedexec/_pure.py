@@ -1,0 +1,466 @@
+"""The pure-Python scheduler: the reference model of ``keyedexec._core``.
+
+Same names, same behaviour, same counters as the native core (read its module
+docstring for the design); used where the extension is unavailable, under
+``KEYEDEXEC_PURE_PYTHON=1``, as the model in the property tests and as a
+benchmark baseline. A dict maps each key with work to its deque of tasks; a
+deque of ready keys feeds the workers. One lock guards both.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from time import monotonic
+from typing import Any, Callable
+
+from ._future import KeyedFuture
+from ._lifecycle import register
+from ._report import report_failure
+from .context import Context
+from .errors import QueueFull
+
+__all__ = ["Scheduler"]
+
+# Task kinds (bit flags), as in the native core.
+K_FUTURE = 1
+K_ERRVAL = 2
+K_CTX = 4
+
+OPEN, CLOSED_SHUTDOWN, CLOSED_EXIT, CLOSED_FORK = range(4)
+T_OK, T_RAISED, T_SKIPPED = 1, 2, 3
+
+_CLOSED_MESSAGES = {
+    CLOSED_SHUTDOWN: "cannot schedule new tasks after shutdown",
+    CLOSED_EXIT: "cannot schedule new tasks after interpreter shutdown",
+    CLOSED_FORK: (
+        "this executor was inherited across os.fork() and cannot run "
+        "tasks in the child; create a new one"
+    ),
+}
+
+_ALL = object()
+_get_ident = threading.get_ident
+
+Task = tuple  # (fn, args_or_ctx, kwargs_or_None, future_or_None, kind)
+
+
+class _KeyState:
+    __slots__ = ("key", "tasks", "ready", "runner")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.tasks: deque[Task] = deque()
+        self.ready = False
+        self.runner = 0  # ident of the worker serving it, or 0
+
+
+def _check_ctx(ctx: Any) -> None:
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be a keyedexec Context, got {type(ctx).__name__}")
+
+
+class Scheduler:
+    """The keyed scheduler. Facades: ``KeyedExecutor`` and ``TaskPool``."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        queue_size: int = 0,
+        idle_timeout: float | None = None,
+        batch: int = 64,
+        name: str = "keyedexec",
+        on_error: Callable[[Any, BaseException], object] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        self._max_workers = workers
+        self._queue_size = queue_size
+        self._idle_timeout = idle_timeout
+        self._batch = batch
+        self.name = name
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # idle workers
+        self._space = threading.Condition(self._lock)  # submitters on a full key
+        self._keys: dict[Any, _KeyState] = {}
+        self._ready: deque[_KeyState] = deque()
+        self._nthreads = self._idle = self._wakeups = self._blocked = 0
+        self._closing = OPEN
+        self._running = self._pending = 0
+        self._submitted = self._completed = self._failed = self._cancelled = 0
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+        self._exited = threading.Condition(self._threads_lock)
+        self._spawned = 0
+        register(self)
+
+    # -- submission ---------------------------------------------------------------
+
+    def _push(
+        self,
+        key: Any,
+        fn: Any,
+        args: Any,
+        kwargs: dict[str, Any] | None,
+        fut: KeyedFuture | None,
+        kind: int,
+        block: bool,
+        timeout: float | None,
+    ) -> bool:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        try:
+            hash(key)
+        except TypeError as exc:
+            raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        deadline = None if timeout is None else monotonic() + timeout
+        spawn = False
+        with self._lock:
+            while True:
+                if self._closing:
+                    raise RuntimeError(_CLOSED_MESSAGES[self._closing])
+                ks = self._keys.get(key)
+                if ks is None:
+                    ks = self._keys[key] = _KeyState(key)
+                elif self._queue_size and len(ks.tasks) >= self._queue_size:
+                    if ks.runner == _get_ident():
+                        raise QueueFull(
+                            f"key {key!r} is full ({self._queue_size} queued) and this "
+                            "job runs on that key: waiting would deadlock"
+                        )
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if not block or (remaining is not None and remaining <= 0):
+                        return False
+                    self._blocked += 1
+                    try:
+                        self._space.wait(remaining)
+                    finally:
+                        self._blocked -= 1
+                    continue
+                ks.tasks.append((fn, args, kwargs, fut, kind))
+                self._pending += 1
+                self._submitted += 1
+                if not ks.ready and not ks.runner:
+                    ks.ready = True
+                    self._ready.append(ks)
+                    if self._idle > self._wakeups:
+                        self._wakeups += 1
+                        self._work.notify()
+                    elif self._nthreads < self._max_workers:
+                        self._nthreads += 1
+                        spawn = True
+                break
+        if spawn:
+            self._spawn()
+        return True
+
+    def _spawn(self) -> None:
+        with self._threads_lock:
+            self._spawned += 1
+            t = threading.Thread(
+                target=self._worker_main, name=f"{self.name}-worker-{self._spawned}"
+            )
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        try:
+            t.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.remove(t)
+            with self._lock:
+                self._nthreads -= 1
+            self._notify_exited()
+            raise
+
+    def _notify_exited(self) -> None:
+        with self._exited:
+            self._exited.notify_all()
+
+    def execute(self, key: Any, fn: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)`` on ``key``'s queue; errors go to on_error."""
+        self._push(key, fn, args, kwargs or None, None, 0, False, None)
+
+    def submit(self, key: Any, fn: Any, /, *args: Any, **kwargs: Any) -> KeyedFuture:
+        """Run ``fn(*args, **kwargs)`` on ``key``'s queue; return its future."""
+        fut = KeyedFuture()
+        self._push(key, fn, args, kwargs or None, fut, K_FUTURE, False, None)
+        return fut
+
+    def execute_with_error(
+        self, key: Any, fn: Any, /, *args: Any, **kwargs: Any
+    ) -> KeyedFuture:
+        """Like submit, but the future's result is the exception raised, or None."""
+        fut = KeyedFuture()
+        self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, None)
+        return fut
+
+    def execute_with_context(self, key: Any, ctx: Context, fn: Any) -> None:
+        """Run ``fn(ctx)``; skipped if ctx is cancelled when its turn comes."""
+        _check_ctx(ctx)
+        self._push(key, fn, ctx, None, None, K_CTX, False, None)
+
+    def submit_with_context(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture:
+        """Run ``fn(ctx)``; the future raises ``ctx.err()`` if it was skipped."""
+        _check_ctx(ctx)
+        fut = KeyedFuture()
+        self._push(key, fn, ctx, None, fut, K_FUTURE | K_CTX, False, None)
+        return fut
+
+    def execute_with_context_error(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture:
+        """Run ``fn(ctx)``; the future's result is the error (or ``ctx.err()``), or None."""
+        _check_ctx(ctx)
+        fut = KeyedFuture()
+        self._push(key, fn, ctx, None, fut, K_FUTURE | K_ERRVAL | K_CTX, False, None)
+        return fut
+
+    def put(
+        self, key: Any, fn: Any, ctx: Context, block: bool = True, timeout: float | None = None
+    ) -> bool:
+        """TaskPool's submit: ``fn(ctx)``, waiting while the key is full."""
+        _check_ctx(ctx)
+        return self._push(key, fn, ctx, None, None, K_CTX, block, timeout)
+
+    # -- the worker -------------------------------------------------------------------
+
+    def _worker_main(self) -> None:
+        me = _get_ident()
+        lock = self._lock
+        ks: _KeyState | None = None
+        dead: _KeyState | None = None
+        served = status = 0
+        lock.acquire()
+        try:
+            while True:
+                if status:
+                    self._running -= 1
+                    if status == T_SKIPPED:
+                        self._cancelled += 1
+                    else:
+                        self._completed += 1
+                        if status == T_RAISED:
+                            self._failed += 1
+                    status = 0
+                if ks is not None:
+                    if ks.tasks and served < self._batch:
+                        task = ks.tasks.popleft()
+                        self._pending -= 1
+                        self._running += 1
+                        served += 1
+                        if self._blocked:
+                            self._space.notify_all()
+                        lock.release()
+                        dead = None  # released outside the lock: __del__ may submit
+                        status = self._run(ks.key, task)
+                        del task
+                        lock.acquire()
+                        continue
+                    if dead is not None:
+                        # Release the previous dead key first, outside the lock.
+                        lock.release()
+                        dead = None
+                        lock.acquire()
+                        continue
+                    ks.runner = 0
+                    if ks.tasks:
+                        ks.ready = True
+                        self._ready.append(ks)
+                    else:
+                        del self._keys[ks.key]
+                        dead = ks
+                    ks = None
+                if self._ready:
+                    ks = self._ready.popleft()
+                    ks.ready = False
+                    ks.runner = me
+                    served = 0
+                    continue
+                if self._closing:
+                    break
+                if dead is not None:
+                    lock.release()
+                    dead = None
+                    lock.acquire()
+                    continue
+                self._idle += 1
+                woke = self._work.wait(self._idle_timeout)
+                self._idle -= 1
+                if self._wakeups:
+                    self._wakeups -= 1
+                if not woke and not self._ready and not self._closing:
+                    break  # idle for idle_timeout seconds: give the thread back
+            self._nthreads -= 1
+        finally:
+            lock.release()
+        del dead
+        self._notify_exited()
+
+    def _run(self, key: Any, task: Task) -> int:
+        fn, args, kwargs, fut, kind = task
+        try:
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                return T_SKIPPED
+            if kind & K_CTX:
+                err = args.err()
+                if err is not None:
+                    if fut is not None:
+                        if kind & K_ERRVAL:
+                            fut._set_outcome(err, None)
+                        else:
+                            fut._set_outcome(None, err)
+                    return T_SKIPPED
+        except BaseException as exc:  # a broken context: report, go on
+            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
+            return T_SKIPPED
+        try:
+            if kind & K_CTX:
+                result = fn(args)
+            elif kwargs is not None:
+                result = fn(*args, **kwargs)
+            else:
+                result = fn(*args)
+        except BaseException as exc:
+            if fut is None:
+                self._report(key, exc)
+            elif kind & K_ERRVAL:
+                fut._set_outcome(exc, None)
+            else:
+                fut._set_outcome(None, exc)
+            return T_RAISED
+        if fut is not None:
+            fut._set_outcome(None if kind & K_ERRVAL else result, None)
+        return T_OK
+
+    def _report(self, key: Any, exc: BaseException) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(key, exc)
+            except BaseException as handler_exc:
+                report_failure(
+                    f"on_error handler {self._on_error!r} raised for key {key!r}", handler_exc
+                )
+
+    # -- shutdown and introspection ---------------------------------------------------
+
+    def _close(self, reason: int) -> None:
+        spawn = False
+        with self._lock:
+            if not self._closing:
+                self._closing = reason
+            if self._pending and self._nthreads == 0 and reason != CLOSED_FORK:
+                self._nthreads += 1
+                spawn = True
+            self._work.notify_all()
+            self._space.notify_all()
+        if spawn:
+            self._spawn()
+
+    def close(self) -> None:
+        """Stop accepting tasks; workers drain what is queued, then exit."""
+        self._close(CLOSED_SHUTDOWN)
+
+    def _close_for_exit(self) -> None:
+        self._close(CLOSED_EXIT)
+
+    def cancel_queued(self, key: Any = _ALL) -> int:
+        """Drop queued tasks (all, or one key's) that have not started.
+
+        Their futures are cancelled (and waiters notified). Returns how many.
+        """
+        dropped: list[Task] = []
+        with self._lock:
+            if key is _ALL:
+                states = list(self._keys.values())
+            else:
+                ks = self._keys.get(key)
+                states = [] if ks is None else [ks]
+            for ks in states:
+                dropped.extend(ks.tasks)
+                ks.tasks.clear()  # an emptied key stays ready; a worker frees it
+            self._pending -= len(dropped)
+            self._cancelled += len(dropped)
+        for task in dropped:
+            if task[3] is not None:
+                task[3]._cancel_queued()
+        return len(dropped)
+
+    def _live_workers(self) -> int:
+        with self._lock:
+            return self._nthreads
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the workers have exited (after close). True if they did."""
+        deadline = None if timeout is None else monotonic() + timeout
+        me = threading.current_thread()
+        with self._exited:
+            own = 1 if me in self._threads else 0
+            while self._live_workers() > own:
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._exited.wait(remaining)
+            threads = list(self._threads)
+        for t in threads:
+            if t is not me and t.ident is not None:
+                t.join(None if deadline is None else max(0.0, deadline - monotonic()))
+        return all(not t.is_alive() for t in threads if t is not me)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._close(CLOSED_SHUTDOWN)
+        if cancel_futures:
+            self.cancel_queued()
+        if wait:
+            self.join()
+
+    def metrics(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
+        with self._lock:
+            return (
+                self._nthreads,
+                self._running,
+                self._pending,
+                len(self._keys),
+                self._submitted,
+                self._completed,
+                self._failed,
+                self._cancelled,
+            )
+
+    def key_pending(self, key: Any) -> int:
+        """Queued (not running) tasks of ``key``."""
+        with self._lock:
+            ks = self._keys.get(key)
+            return 0 if ks is None else len(ks.tasks)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing != OPEN
+
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    # -- fork ---------------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork_child(self) -> None:
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._space = threading.Condition(self._lock)
+        self._threads_lock = threading.Lock()
+        self._exited = threading.Condition(self._threads_lock)
+        self._closing = CLOSED_FORK
+        self._nthreads = self._idle = self._wakeups = self._blocked = 0
+        self._threads = []
+        self.cancel_queued()
+

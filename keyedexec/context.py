@@ -1,0 +1,457 @@
+"""Go-style ``context.Context``: cancellation, deadlines and request values.
+
+A :class:`Context` is an immutable node in a tree rooted at :func:`background`.
+Deriving a child never changes the parent:
+
+* :meth:`Context.with_value` adds one key/value pair;
+* :meth:`Context.with_cancel` adds a cancel function;
+* :meth:`Context.with_timeout` / :meth:`Context.with_deadline` add a deadline
+  (an absolute :func:`time.monotonic` value) as well.
+
+Cancelling a context cancels all its descendants, never its parent or siblings.
+
+Design notes (why it looks the way it does):
+
+* Cancellation state lives in a separate :class:`_CancelState`, created only by
+  ``with_cancel``/``with_timeout``/``with_deadline``. A ``with_value`` child
+  shares its parent's state, so value-only contexts are four slots and checking
+  them costs the same as checking their nearest cancellable ancestor. Contexts
+  below :func:`background` with no cancellable ancestor have no state at all:
+  ``err()`` is two attribute reads.
+* No per-context lock: each state uses one of a fixed pool of striped locks,
+  picked by identity. A lock is never held while taking another, nor while
+  allocating container objects (which could start the cyclic GC and run
+  arbitrary finalizers), nor while running user code, so striping cannot
+  deadlock. A :class:`threading.Event` is created only when someone waits.
+* No timer threads: deadlines are checked lazily, by ``err()``, ``cancelled``
+  and ``wait()`` (which sleeps no longer than the time left). The first
+  observation that a deadline passed cancels, with :class:`DeadlineExceeded`,
+  the context that owns that deadline, and hence its whole subtree. Done
+  callbacks of a context that expires therefore run when someone next looks at
+  it or at a context sharing its deadline, not at the exact instant.
+* A parent holds its cancellable children through weak references, removed when
+  a child is garbage-collected or cancelled, so a long-lived parent never
+  accumulates dead children.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from .errors import Cancelled, DeadlineExceeded
+
+__all__ = ["Context", "background"]
+
+_log = logging.getLogger("keyedexec")
+
+_MSG: dict[type[Cancelled], str] = {
+    Cancelled: "context canceled",
+    DeadlineExceeded: "context deadline exceeded",
+}
+
+# Striped locks: a fixed pool shared by all states, so creating a context
+# allocates no lock. 64 stripes keep false sharing between unrelated contexts
+# rare; correctness never depends on two states having different stripes.
+_NSTRIPES = 64
+_LOCKS = tuple(threading.Lock() for _ in range(_NSTRIPES))
+
+# Marks a context node that carries no value (a cancellation node).
+_NO_KEY: Any = object()
+
+DoneCallback = Callable[["Context"], object]
+
+
+def _check_seconds(name: str, x: object) -> float:
+    """Validate a number of seconds / a monotonic time; return it as float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be an int or float, not {type(x).__name__}")
+    f = float(x)
+    if math.isnan(f):
+        raise ValueError(f"{name} must not be NaN")
+    return f
+
+
+class _CancelState:
+    """The cancellation state shared by a cancellable context and its value-only descendants."""
+
+    __slots__ = (
+        "_lock",
+        "_err",
+        "_deadline",
+        "_dl_owner",
+        "_parent",
+        "_children",
+        "_event",
+        "_callbacks",
+        "__weakref__",
+    )
+
+    _lock: threading.Lock
+    _err: Cancelled | None
+    # Effective deadline: min(own, parent's).
+    _deadline: float | None
+    # The ancestor whose deadline this is; None when it is our own (or none).
+    # Expiry cancels the owner, so siblings sharing the deadline see it too.
+    _dl_owner: _CancelState | None
+    _parent: _CancelState | None
+    # Weak references to registered child states. Only ever mutated with single
+    # set operations (add/discard/copy/clear), which are atomic in CPython with
+    # or without the GIL: weakref callbacks run from the GC in any thread at any
+    # moment and so must not take our (non-reentrant) locks.
+    _children: set[weakref.ref[_CancelState]] | None
+    _event: threading.Event | None
+    _callbacks: list[tuple[DoneCallback, Context]] | None
+
+    def __init__(self, parent: _CancelState | None, deadline: float | None) -> None:
+        self._lock = _LOCKS[(id(self) >> 4) % _NSTRIPES]
+        self._err = None
+        self._parent = parent
+        self._children = None
+        self._event = None
+        self._callbacks = None
+        pdl = parent._deadline if parent is not None else None
+        if deadline is not None and (pdl is None or deadline < pdl):
+            self._deadline = deadline
+            self._dl_owner = None
+        else:
+            self._deadline = pdl
+            if pdl is None or parent is None:
+                self._dl_owner = None
+            else:
+                self._dl_owner = parent._dl_owner if parent._dl_owner is not None else parent
+        inherited = parent._register(self) if parent is not None else None
+        if inherited is not None:
+            # Parent already cancelled: start cancelled with the same cause.
+            self._cancel(inherited, remove=False)
+        elif self._deadline is not None:
+            self._check_deadline()
+
+    def _register(self, child: _CancelState) -> type[Cancelled] | None:
+        """Add ``child`` to the registry; return the err type if already cancelled."""
+        while True:
+            # Allocate outside the lock (see module notes). The weakref's
+            # callback is bound to one particular set, so if another thread
+            # installs the set first we retry with that one.
+            target = self._children
+            fresh: set[weakref.ref[_CancelState]] | None = (
+                set() if target is None else None
+            )
+            if target is None:
+                assert fresh is not None
+                target = fresh
+            ref = weakref.ref(child, target.discard)
+            with self._lock:
+                err = self._err
+                if err is not None:
+                    return type(err)
+                cur = self._children
+                if cur is None and fresh is not None:
+                    self._children = cur = fresh
+                if cur is target:
+                    cur.add(ref)
+                    return None
+
+    def cancel(self) -> None:
+        """The cancel function handed out by ``with_cancel`` and friends."""
+        if self._err is None:
+            self._cancel(Cancelled, remove=True)
+
+    def _check_deadline(self) -> Cancelled | None:
+        """Slow path of ``err()``: cancel if the deadline passed; return err."""
+        dl = self._deadline
+        if dl is not None and self._err is None and time.monotonic() >= dl:
+            owner = self._dl_owner
+            if owner is not None:
+                owner._cancel(DeadlineExceeded, remove=True)
+            if self._err is None:
+                # Normally reached by the owner's cascade; this covers our own
+                # deadline and any race with a concurrent registration.
+                self._cancel(DeadlineExceeded, remove=True)
+        return self._err
+
+    def _get_err(self) -> Cancelled | None:
+        err = self._err
+        if err is not None or self._deadline is None:
+            return err
+        return self._check_deadline()
+
+    def _cancel(self, cause: type[Cancelled], remove: bool) -> None:
+        """Cancel this state and its subtree; first cause wins.
+
+        Marks the whole subtree first and runs callbacks afterwards, so a
+        callback that raises (even KeyboardInterrupt) cannot leave part of the
+        tree uncancelled. Iterative, so deep chains cannot hit the recursion limit.
+        """
+        todo: list[tuple[_CancelState, type[Cancelled]]] = [(self, cause)]
+        callbacks: list[tuple[DoneCallback, Context]] = []
+        changed_self = False
+        while todo:
+            st, cls = todo.pop()
+            if st._err is not None:
+                continue
+            if (
+                cls is Cancelled
+                and st._deadline is not None
+                and time.monotonic() >= st._deadline
+            ):
+                # The deadline passed before anyone cancelled: in Go the timer
+                # would have fired already, so report DeadlineExceeded.
+                cls = DeadlineExceeded
+            err = cls(_MSG[cls])
+            with st._lock:
+                if st._err is not None:
+                    continue
+                st._err = err
+                children = st._children
+                st._children = None
+                event = st._event
+                cbs = st._callbacks
+                st._callbacks = None
+            if st is self:
+                changed_self = True
+            if event is not None:
+                event.set()
+            if cbs:
+                callbacks.extend(cbs)
+            if children:
+                snap = children.copy()
+                # Breaks the set <-> weakref-callback cycle so it is freed now.
+                children.clear()
+                for ref in snap:
+                    child = ref()
+                    if child is not None:
+                        todo.append((child, cls))
+        if remove and changed_self:
+            parent = self._parent
+            if parent is not None:
+                siblings = parent._children
+                if siblings is not None:
+                    # A fresh ref compares equal to the registered one.
+                    siblings.discard(weakref.ref(self))
+        for fn, ctx in callbacks:
+            _run_callback(fn, ctx)
+
+    def _add_callback(self, fn: DoneCallback, ctx: Context) -> bool:
+        """Register ``fn``; return False if already cancelled (caller runs it)."""
+        item = (fn, ctx)
+        fresh: list[tuple[DoneCallback, Context]] | None = (
+            [] if self._callbacks is None else None
+        )
+        with self._lock:
+            if self._err is not None:
+                return False
+            cbs = self._callbacks
+            if cbs is None:
+                # Only cancel() resets it to None, so having read it non-None
+                # outside the lock we cannot find None here.
+                assert fresh is not None
+                cbs = self._callbacks = fresh
+            cbs.append(item)
+            return True
+
+    def _wait(self, timeout: float | None) -> bool:
+        if self._get_err() is not None:
+            return True
+        ev = self._event
+        if ev is None:
+            fresh = threading.Event()
+            with self._lock:
+                if self._err is None:
+                    ev = self._event
+                    if ev is None:
+                        ev = self._event = fresh
+            if ev is None:
+                return True
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            limit = self._deadline
+            if end is not None and (limit is None or end < limit):
+                limit = end
+            if limit is None:
+                # Plain Event.wait() stays interruptible by Ctrl-C.
+                if ev.wait():
+                    return True
+                continue
+            remaining = limit - time.monotonic()
+            if remaining > 0 and ev.wait(min(remaining, threading.TIMEOUT_MAX)):
+                return True
+            if self._get_err() is not None:
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
+
+
+def _run_callback(fn: DoneCallback, ctx: Context) -> None:
+    try:
+        fn(ctx)
+    except Exception:
+        _log.exception("keyedexec: context done callback %r raised", fn)
+
+
+class Context:
+    """An immutable context carrying cancellation, a deadline and values.
+
+    Do not construct contexts directly: start from :func:`background` and derive
+    children with the ``with_*`` methods. (``Context()`` returns a fresh root
+    equivalent to :func:`background`.) Contexts are safe to share between threads.
+    """
+
+    __slots__ = ("_parent", "_key", "_value", "_state")
+
+    _parent: Context | None
+    _key: Any
+    _value: Any
+    _state: _CancelState | None
+
+    def __init__(
+        self,
+        _parent: Context | None = None,
+        _key: Any = _NO_KEY,
+        _value: Any = None,
+        _state: _CancelState | None = None,
+    ) -> None:
+        self._parent = _parent
+        self._key = _key
+        self._value = _value
+        self._state = _state
+
+    # -- derivation --------------------------------------------------------
+
+    def with_value(self, key: object, value: object) -> Context:
+        """Return a child carrying ``key`` -> ``value`` (shadows ancestors' ``key``)."""
+        return Context(self, key, value, self._state)
+
+    def with_cancel(self) -> tuple[Context, Callable[[], None]]:
+        """Return ``(child, cancel)``. ``cancel()`` is idempotent and thread-safe."""
+        st = _CancelState(self._state, None)
+        return Context(self, _NO_KEY, None, st), st.cancel
+
+    def with_deadline(self, deadline: float) -> tuple[Context, Callable[[], None]]:
+        """Like :meth:`with_cancel`, also expiring at ``deadline`` (a ``time.monotonic()`` value).
+
+        The effective deadline is the earlier of ``deadline`` and the parent's.
+        A deadline already in the past gives an already-expired context.
+        """
+        return self._derive(_check_seconds("deadline", deadline))
+
+    def with_timeout(self, seconds: float) -> tuple[Context, Callable[[], None]]:
+        """Like :meth:`with_deadline` with ``deadline = time.monotonic() + seconds``.
+
+        ``seconds <= 0`` gives an already-expired context; ``inf`` gives none.
+        """
+        return self._derive(time.monotonic() + _check_seconds("seconds", seconds))
+
+    def _derive(self, deadline: float) -> tuple[Context, Callable[[], None]]:
+        st = _CancelState(self._state, None if deadline == math.inf else deadline)
+        return Context(self, _NO_KEY, None, st), st.cancel
+
+    # -- inspection --------------------------------------------------------
+
+    def value(self, key: object, default: Any = None) -> Any:
+        """Return the value of the nearest ancestor (or self) that set ``key``."""
+        ctx: Context | None = self
+        while ctx is not None:
+            k = ctx._key
+            if k is key or (k is not _NO_KEY and k == key):
+                return ctx._value
+            ctx = ctx._parent
+        return default
+
+    def err(self) -> Cancelled | None:
+        """``None`` while live; then the :class:`Cancelled` or
+        :class:`DeadlineExceeded` that ended it (the same instance every call)."""
+        st = self._state
+        if st is None:
+            return None
+        err = st._err
+        if err is not None or st._deadline is None:
+            return err
+        return st._check_deadline()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancelled or past the deadline."""
+        st = self._state
+        if st is None:
+            return False
+        if st._err is not None:
+            return True
+        if st._deadline is None:
+            return False
+        return st._check_deadline() is not None
+
+    @property
+    def deadline(self) -> float | None:
+        """The effective deadline (``time.monotonic()`` seconds), or None."""
+        st = self._state
+        return None if st is None else st._deadline
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled (True) or ``timeout`` seconds pass (False).
+
+        ``timeout=None`` waits forever. Wakes when the deadline passes.
+        """
+        t: float | None = None
+        if timeout is not None:
+            t = _check_seconds("timeout", timeout)
+            if t < 0:
+                raise ValueError("timeout must be non-negative")
+            if t == math.inf:
+                t = None
+        st = self._state
+        if st is None:
+            # Never cancelled: just sleep, interruptibly.
+            ev = threading.Event()
+            if t is None:
+                while True:
+                    ev.wait()
+            end = time.monotonic() + t
+            while (left := end - time.monotonic()) > 0:
+                ev.wait(min(left, threading.TIMEOUT_MAX))
+            return False
+        return st._wait(t)
+
+    def add_done_callback(self, fn: Callable[[Context], object]) -> None:
+        """Call ``fn(self)`` once when this context is cancelled.
+
+        Runs at once, in this thread, if already cancelled; otherwise in the
+        thread that cancels (or first observes the deadline). Exceptions are
+        logged on the ``keyedexec`` logger, never raised. On a context that can
+        never be cancelled, ``fn`` is dropped without being stored.
+        """
+        if not callable(fn):
+            raise TypeError("fn must be callable")
+        st = self._state
+        if st is None:
+            return
+        if st._get_err() is not None or not st._add_callback(fn, self):
+            _run_callback(fn, self)
+
+    def __repr__(self) -> str:
+        st = self._state
+        cancelled = st is not None and (
+            st._err is not None
+            or (st._deadline is not None and time.monotonic() >= st._deadline)
+        )
+        n = 0
+        ctx: Context | None = self
+        while ctx is not None:
+            if ctx._key is not _NO_KEY:
+                n += 1
+            ctx = ctx._parent
+        dl = self.deadline
+        dls = "None" if dl is None else f"{dl:.3f}"
+        return f"<Context cancelled={cancelled} deadline={dls} values={n}>"
+
+
+_BACKGROUND = Context()
+
+
+def background() -> Context:
+    """The root context: never cancelled, no deadline, no values."""
+    return _BACKGROUND

@@ -1,0 +1,295 @@
+"""KeyedExecutor: a fixed pool of workers; tasks of one key run one at a time, in order.
+
+The Python face of the scheduler (``keyedexec._core``, or ``keyedexec._pure``).
+The submit family comes straight from the scheduler: each call is a single C
+call on the native core; this module adds the Python conventions around it
+(``map``, ``shutdown``, ``with``, named statistics).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
+
+from . import _impl
+from ._future import KeyedFuture
+from ._report import log_task_error
+from .context import Context
+
+__all__ = ["KeyedExecutor", "Metrics", "Stats", "default_workers"]
+
+K = TypeVar("K")
+R = TypeVar("R")
+P = ParamSpec("P")
+
+ErrorHandler = Callable[[Any, BaseException], object]
+
+
+class Stats(NamedTuple):
+    """``KeyedExecutor.stats()``: the Go seed's ``(workerCount, pendingTasks)``."""
+
+    workers: int
+    """The pool size (``workers`` given to the constructor)."""
+    pending: int
+    """Tasks accepted and not finished: queued plus running."""
+
+
+class Metrics(NamedTuple):
+    """A consistent snapshot of the scheduler's counters."""
+
+    workers: int
+    """Worker threads alive now (started lazily, up to the pool size)."""
+    running: int
+    """Tasks executing now."""
+    pending: int
+    """Tasks queued and not started."""
+    active_keys: int
+    """Keys with queued or running tasks (idle keys are freed)."""
+    submitted: int
+    """Tasks accepted since creation."""
+    completed: int
+    """Tasks that ran to the end, returning or raising."""
+    failed: int
+    """Of ``completed``, those that raised."""
+    cancelled: int
+    """Tasks that never ran: cancelled, or skipped for a cancelled context."""
+
+
+def default_workers() -> int:
+    """The default pool size: ``min(32, cpus + 4)``, like ThreadPoolExecutor.
+
+    I/O-friendly: most keyed work (per-user calls, per-account writes) waits
+    on I/O with the GIL released.
+    """
+    count = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    return min(32, count + 4)
+
+
+def _check_count(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+class KeyedExecutor(Generic[K]):
+    """Run tasks concurrently; tasks that share a key run one at a time, in order.
+
+    ``workers`` threads (started lazily) serve all keys: any idle worker takes
+    the next key that has work, so a slow key never holds up other keys. A key
+    runs at most ``batch`` tasks in a row before yielding to the keys waiting
+    behind it. Memory is proportional to the keys that have work.
+
+    Exceptions: a future (``submit`` & co.) carries its task's exception; the
+    fire-and-forget ``execute`` hands it to ``on_error(key, exc)`` (default:
+    logged on the ``"keyedexec"`` logger with key and traceback).
+
+    ``shutdown(wait=True)`` runs everything accepted; ``cancel_futures=True``
+    cancels what has not started. At interpreter exit queued tasks are drained,
+    as ThreadPoolExecutor does.
+    """
+
+    #: The scheduler implementation (native core or pure Python): see ``keyedexec.NATIVE``.
+    _Scheduler: Any = _impl.Scheduler
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        on_error: ErrorHandler | None = None,
+        batch: int = 64,
+        name: str = "keyedexec",
+    ) -> None:
+        workers = default_workers() if workers is None else _check_count("workers", workers)
+        _check_count("batch", batch)
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        self._workers = workers
+        sched = self._Scheduler(
+            workers, batch=batch, name=name, on_error=on_error or log_task_error
+        )
+        self._sched = sched
+        # The hot paths, bound straight to the scheduler: no Python frame in between.
+        self.execute = sched.execute
+        self.submit = sched.submit
+        self.execute_with_error = sched.execute_with_error
+        self.execute_with_context = sched.execute_with_context
+        self.execute_with_context_error = sched.execute_with_context_error
+        self.submit_with_context = sched.submit_with_context
+        # Dropped without shutdown: stop accepting and let the workers drain and exit.
+        weakref.finalize(self, sched.close)
+
+    # The methods below are replaced per instance by the scheduler's own (see
+    # __init__); these definitions carry the documentation and the types.
+
+    def execute(self, key: K, fn: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Run ``fn(*args, **kwargs)`` after the tasks already queued for ``key``.
+
+        Fire and forget: an exception goes to ``on_error(key, exc)``.
+        Raises TypeError (unhashable key, fn not callable) or RuntimeError
+        (after shutdown) without queueing anything.
+        """
+        self._sched.execute(key, fn, *args, **kwargs)
+
+    def submit(
+        self, key: K, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> KeyedFuture:
+        """Like :meth:`execute`, returning a ``concurrent.futures.Future`` of the result."""
+        fut: KeyedFuture = self._sched.submit(key, fn, *args, **kwargs)
+        return fut
+
+    def execute_with_error(
+        self, key: K, fn: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs
+    ) -> KeyedFuture:
+        """Go's ``ExecuteWithError``: the future's *result* is the exception ``fn``
+        raised, or None. ``.result()`` never raises it (it may raise CancelledError).
+        """
+        fut: KeyedFuture = self._sched.execute_with_error(key, fn, *args, **kwargs)
+        return fut
+
+    def execute_with_context(self, key: K, ctx: Context, fn: Callable[[Context], object]) -> None:
+        """Run ``fn(ctx)`` on ``key``'s queue, fire and forget.
+
+        If ``ctx`` is cancelled by the time the task's turn comes, it is not run
+        (counted in ``metrics().cancelled``).
+        """
+        self._sched.execute_with_context(key, ctx, fn)
+
+    def execute_with_context_error(
+        self, key: K, ctx: Context, fn: Callable[[Context], object]
+    ) -> KeyedFuture:
+        """Go's ``ExecuteWithContextError``: run ``fn(ctx)``; the future's result is
+        the exception raised, or ``ctx.err()`` if the task was skipped, or None.
+        """
+        fut: KeyedFuture = self._sched.execute_with_context_error(key, ctx, fn)
+        return fut
+
+    def submit_with_context(self, key: K, ctx: Context, fn: Callable[[Context], R]) -> KeyedFuture:
+        """Run ``fn(ctx)``; the future holds its result. If the task was skipped
+        because ``ctx`` was cancelled, the future raises ``ctx.err()``.
+        """
+        fut: KeyedFuture = self._sched.submit_with_context(key, ctx, fn)
+        return fut
+
+    # -- Python conventions ---------------------------------------------------------------
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        key: Callable[..., K] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[R]:
+        """``fn`` over the iterables, results in input order (like ``Executor.map``).
+
+        ``key(*args)`` gives each call's key: calls with equal keys run one at a
+        time, in input order. Without ``key`` every call is independent. All
+        calls are submitted at once; the first exception is raised when its
+        result is reached; ``timeout`` bounds the whole iteration (TimeoutError).
+        Closing the iterator early cancels the calls that have not started.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be callable or None, got {type(key).__name__}")
+        timeout = _check_timeout("timeout", timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        submit = self._sched.submit
+        fs: list[KeyedFuture] = []
+        try:
+            for args in zip(*iterables):
+                fs.append(submit(object() if key is None else key(*args), fn, *args))
+        except BaseException:
+            for f in fs:
+                f.cancel()
+            raise
+        return _results(fs, end)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks (later submits raise RuntimeError).
+
+        ``cancel_futures=True`` cancels every queued task that has not started:
+        its future reports cancellation; a fire-and-forget task is dropped and
+        counted in ``metrics().cancelled``. Otherwise everything accepted runs.
+        ``wait=True`` returns once all of it is done and the workers have
+        exited. Calling it again is harmless. Called from inside a task, it does
+        not wait for that task's own worker.
+        """
+        self._sched.shutdown(wait, cancel_futures=cancel_futures)
+
+    def __enter__(self) -> KeyedExecutor[K]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    # -- per key ------------------------------------------------------------------------
+
+    def cancel_key(self, key: K) -> int:
+        """Cancel ``key``'s queued tasks (not the running one). Returns how many."""
+        n: int = self._sched.cancel_queued(key)
+        return n
+
+    def pending(self, key: K) -> int:
+        """Tasks queued for ``key`` and not started."""
+        n: int = self._sched.key_pending(key)
+        return n
+
+    # -- introspection ------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Go's ``Stats()``: ``Stats(workers, pending)`` (pending = queued + running)."""
+        m = self._sched.metrics()
+        return Stats(self._workers, m[1] + m[2])
+
+    def metrics(self) -> Metrics:
+        """A consistent snapshot: see :class:`Metrics`."""
+        return Metrics(*self._sched.metrics())
+
+    @property
+    def workers(self) -> int:
+        """The pool size."""
+        return self._workers
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown began (or at interpreter exit)."""
+        closed: bool = self._sched.closed
+        return closed
+
+    def __repr__(self) -> str:
+        m = self.metrics()
+        state = "closed" if self.closed else "open"
+        return (
+            f"<{type(self).__name__} {state} workers={m.workers}/{self._workers} "
+            f"running={m.running} pending={m.pending} keys={m.active_keys}>"
+        )
+
+
+def _results(fs: list[KeyedFuture], end: float | None) -> Iterator[Any]:
+    # A separate generator so that map() submits eagerly, like Executor.map.
+    fs.reverse()  # pop from the end: results are released as they are yielded
+    try:
+        while fs:
+            if end is None:
+                yield fs.pop().result()
+            else:
+                yield fs.pop().result(end - time.monotonic())
+    finally:
+        for f in fs:
+            f.cancel()

@@ -1,0 +1,179 @@
+"""TaskPool: one bounded serial queue per active key, with backpressure.
+
+The Python form of the Go ``taskpool`` (see the README), on the same scheduler
+as KeyedExecutor. What it fixes in the Go original:
+
+* Threads are shared, not one per key: a key with work is served by one pool
+  thread at a time; threads start on demand up to ``max_workers`` and retire
+  after ``idle_timeout`` seconds without work. Idle keys are freed.
+* A job that submits to its *own* full key gets QueueFull at once instead of
+  deadlocking.
+* ``stop()`` counts the queued jobs it discards (``metrics().discarded``) and
+  its ``timeout`` bounds the wait for jobs that ignore their context.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Generic, NamedTuple, TypeVar
+
+from . import _impl
+from ._report import log_task_error
+from .context import Context, background
+from .errors import QueueFull
+from .executor import _check_count, _check_timeout, default_workers
+
+__all__ = ["PoolMetrics", "TaskPool", "DEFAULT_IDLE_TIMEOUT"]
+
+K = TypeVar("K")
+Job = Callable[[Context], object]
+
+#: Seconds a pool thread waits for work before it exits.
+DEFAULT_IDLE_TIMEOUT = 10.0
+
+
+class PoolMetrics(NamedTuple):
+    """``TaskPool.metrics()``: KeyedExecutor's fields plus ``discarded``."""
+
+    workers: int
+    running: int
+    pending: int
+    active_keys: int
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    discarded: int
+    """Queued jobs that never ran because the pool was stopped."""
+
+
+class TaskPool(Generic[K]):
+    """Per-key serial job queues: ``job(ctx)`` runs after the key's earlier jobs.
+
+    ``queue_size`` bounds the jobs a key may hold queued (not counting the one
+    running); ``submit`` waits while the key is full. ``max_workers`` bounds
+    the threads (default ``min(32, cpus + 4)``). Every job receives the pool's
+    context, which ``stop()`` cancels.
+    """
+
+    _Scheduler: Any = _impl.Scheduler
+
+    def __init__(
+        self,
+        queue_size: int = 100,
+        max_workers: int | None = None,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        name: str = "keyedexec-pool",
+    ) -> None:
+        self._queue_size = _check_count("queue_size", queue_size)
+        self._max_workers = (
+            default_workers() if max_workers is None else _check_count("max_workers", max_workers)
+        )
+        timeout = _check_timeout("idle_timeout", idle_timeout)
+        if timeout is None:
+            raise TypeError("idle_timeout must be a number of seconds")
+        self._idle_timeout = timeout
+        self._name = name
+        self._lock = threading.Lock()
+        self._sched: Any = None
+        self._ctx: Context | None = None
+        self._cancel: Callable[[], None] | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """Start the pool (idempotent). A stopped pool cannot be restarted."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("TaskPool was stopped; create a new one")
+            if self._sched is None:
+                self._ctx, self._cancel = background().with_cancel()
+                self._sched = self._Scheduler(
+                    self._max_workers,
+                    queue_size=self._queue_size,
+                    idle_timeout=self._idle_timeout,
+                    name=self._name,
+                    on_error=log_task_error,
+                )
+                # Dropped without stop(): let the threads drain and exit.
+                weakref.finalize(self, self._sched.close)
+
+    def _scheduler(self) -> Any:
+        sched = self._sched
+        if sched is None:
+            raise RuntimeError("TaskPool.start() must be called before submit()")
+        return sched
+
+    def submit(self, key: K, job: Job, timeout: float | None = None) -> None:
+        """Queue ``job(ctx)`` on ``key``, waiting while the key holds ``queue_size`` jobs.
+
+        ``timeout`` (seconds) bounds the wait: QueueFull when it passes. A job
+        that submits to its own key while that key is full gets QueueFull at
+        once (waiting would deadlock). The wait releases the GIL and Ctrl-C
+        interrupts it. Raises RuntimeError before ``start()`` and after ``stop()``.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        sched = self._scheduler()
+        if not sched.put(key, job, self._ctx, True, timeout):
+            raise QueueFull(f"key {key!r} is full ({self._queue_size} queued)")
+
+    def try_submit(self, key: K, job: Job) -> bool:
+        """Queue ``job(ctx)`` if ``key`` has room; never waits. False if full."""
+        accepted: bool = self._scheduler().put(key, job, self._ctx, False)
+        return accepted
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the pool:
+
+        1. stop accepting jobs (submit raises RuntimeError);
+        2. cancel the context every job sees;
+        3. discard queued jobs that have not started (counted in ``discarded``);
+        4. wait for running jobs, at most ``timeout`` seconds.
+
+        Returns True if no job is still running. Idempotent.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        with self._lock:
+            self._stopped = True
+            sched, cancel = self._sched, self._cancel
+        if sched is None:
+            return True
+        sched.close()
+        assert cancel is not None
+        cancel()
+        sched.cancel_queued()
+        finished: bool = sched.join(timeout)
+        return finished
+
+    def __enter__(self) -> TaskPool[K]:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __len__(self) -> int:
+        """Keys with queued or running jobs."""
+        sched = self._sched
+        return 0 if sched is None else int(sched.metrics()[3])
+
+    def len(self) -> int:
+        """Keys with queued or running jobs (the Go API's ``Len``)."""
+        return len(self)
+
+    def metrics(self) -> PoolMetrics:
+        """A snapshot of the pool's counters (see ``KeyedExecutor.metrics``)."""
+        sched = self._sched
+        m = (0,) * 8 if sched is None else sched.metrics()
+        # Jobs are only ever skipped because stop() cancelled the pool's context.
+        return PoolMetrics(*m, discarded=m[7])
+
+    @property
+    def context(self) -> Context | None:
+        """The context every job receives (None before ``start()``)."""
+        return self._ctx
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else ("started" if self._sched else "new")
+        return f"<TaskPool {state} keys={len(self)} queue_size={self._queue_size}>"

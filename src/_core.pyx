@@ -1,0 +1,913 @@
+# cython: language_level=3, freethreading_compatible=True
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
+"""The native scheduler: per-key FIFO rings in C memory, a ready queue of keys,
+and worker threads that wait without the GIL.
+
+One mutex guards everything below (key table, rings, ready queue, counters).
+Rules that keep it deadlock-free and GIL-free:
+
+* A thread that holds the GIL never *blocks* on the mutex: ``_acquire`` tries,
+  spins briefly, then drops the GIL to block (the holder may need the GIL).
+* No reference is released while the mutex is held: ``Py_DECREF`` can run
+  ``__del__``, which may submit. Dropped tasks and keys are released after
+  unlocking.
+* Python code runs under the mutex only inside a key's ``__eq__`` (hash
+  collisions with a non-identical key); such code must not use the scheduler.
+
+Keys are not bound to workers: any idle worker takes the next ready key, runs
+at most ``batch`` of its tasks, and puts it back at the tail of the ready queue
+if more remain (fairness). A key's state is freed as soon as it has no queued
+task and no running one.
+"""
+
+from cpython.object cimport PyObject
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+import threading
+
+from keyedexec import _lifecycle
+from keyedexec._future import KeyedFuture
+from keyedexec._report import report_failure
+from keyedexec.context import Context
+from keyedexec.errors import QueueFull
+
+from concurrent.futures._base import FINISHED, RUNNING
+from time import monotonic as _monotonic
+
+cdef object _RUNNING = RUNNING
+cdef object _FINISHED = FINISHED
+cdef object _ALL = object()   # cancel_queued(): every key
+
+
+cdef extern from "Python.h":
+    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
+    PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    object PyObject_GenericGetDict(object o, void *context)
+    Py_hash_t PyObject_Hash(object o) except? -1
+    int PyObject_RichCompareBool(PyObject *a, PyObject *b, int op) except -1
+    bint PyCallable_Check(object o)
+    int PyErr_CheckSignals() except -1
+    void Py_INCREF_raw "Py_INCREF"(PyObject *o)
+    void Py_DECREF_raw "Py_DECREF"(PyObject *o)
+    void Py_XDECREF_raw "Py_XDECREF"(PyObject *o)
+    int Py_EQ
+
+
+cdef extern from "sync.h" nogil:
+    ctypedef struct ke_mutex:
+        pass
+    ctypedef struct ke_cond:
+        pass
+    ke_mutex *ke_mutex_new()
+    void ke_mutex_free(ke_mutex *m)
+    ke_cond *ke_cond_new()
+    void ke_cond_free(ke_cond *c)
+    bint ke_trylock(ke_mutex *m)
+    void ke_lock(ke_mutex *m)
+    void ke_unlock(ke_mutex *m)
+    bint ke_wait(ke_cond *cv, ke_mutex *m, double timeout)
+    void ke_notify_one(ke_cond *cv)
+    void ke_notify_all(ke_cond *cv)
+    void ke_cpu_relax()
+
+
+# What a task does with its outcome (bit flags in Task.kind).
+cdef enum:
+    K_FUTURE = 1   # complete Task.fut with the outcome
+    K_ERRVAL = 2   # the future's *result* is the exception, or None (Go's <-chan error)
+    K_CTX = 4      # call fn(ctx) with Task.args = ctx; skip it if ctx is cancelled by its turn
+
+# Where a key is (KeyState.flags).
+cdef enum:
+    S_IDLE = 0     # in the table, neither queued for a worker nor running
+    S_READY = 1    # in the ready queue
+    S_RUNNING = 2  # a worker is serving it
+
+# Why the scheduler no longer accepts work (Scheduler.closing).
+cdef enum:
+    OPEN = 0
+    CLOSED_SHUTDOWN = 1
+    CLOSED_EXIT = 2
+    CLOSED_FORK = 3
+
+# What happened to a task a worker took (returned by _run).
+cdef enum:
+    T_OK = 1
+    T_RAISED = 2
+    T_SKIPPED = 3
+
+DEF MIN_TABLE_BITS = 6
+DEF SPINS = 100
+
+
+ctypedef struct Task:
+    PyObject *fn
+    PyObject *args      # argument tuple; the Context for K_CTX
+    PyObject *kwargs    # NULL when there are none
+    PyObject *fut       # NULL unless K_FUTURE
+    int kind
+
+
+# One key with queued or running work. The ring starts as the inline slot, so
+# a key with one queued task costs a single allocation.
+ctypedef struct KeyState:
+    PyObject *key
+    Py_hash_t hash
+    Task *ring          # capacity is a power of two
+    uint32_t head
+    uint32_t count
+    uint32_t cap
+    uint32_t flags
+    unsigned long runner    # thread ident of the worker serving it, or 0
+    KeyState *next          # ready-queue link
+    Task slot0
+
+
+cdef inline size_t _home(Py_hash_t h, int shift) noexcept nogil:
+    # Fibonacci hashing: spreads Python's sequential int hashes over the table.
+    return <size_t>((<uint64_t>h * <uint64_t>0x9E3779B97F4A7C15ULL) >> shift)
+
+
+cdef inline void _acquire(ke_mutex *mu) noexcept:
+    """Take ``mu`` while holding the GIL without ever blocking with it."""
+    cdef int i
+    if ke_trylock(mu):
+        return
+    for i in range(SPINS):
+        ke_cpu_relax()
+        if ke_trylock(mu):
+            return
+    with nogil:
+        ke_lock(mu)
+
+
+cdef inline void _release_task(Task *t) noexcept:
+    Py_DECREF_raw(t.fn)
+    Py_DECREF_raw(t.args)
+    Py_XDECREF_raw(t.kwargs)
+    Py_XDECREF_raw(t.fut)
+
+
+cdef class Scheduler:
+    """The keyed scheduler. Facades: ``KeyedExecutor`` and ``TaskPool``."""
+
+    cdef ke_mutex *mu
+    cdef ke_cond *work_cv       # idle workers wait here
+    cdef ke_cond *space_cv      # submitters blocked on a full key wait here
+
+    # key table: open addressing, linear probing, backward-shift deletion
+    cdef KeyState **slots
+    cdef int bits
+    cdef size_t nkeys
+
+    cdef KeyState *ready_head
+    cdef KeyState *ready_tail
+
+    cdef int max_workers
+    cdef int nthreads           # started and not exited (or about to start)
+    cdef int idle               # waiting on work_cv
+    cdef int wakeups            # notified, not yet awake
+    cdef int blocked            # submitters waiting on space_cv
+    cdef int closing
+    cdef uint32_t batch
+    cdef uint32_t queue_size    # 0: unbounded
+    cdef double idle_timeout    # < 0: workers never retire
+
+    cdef Py_ssize_t running, pending
+    cdef unsigned long long submitted, completed, failed, cancelled
+    cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
+
+    cdef object on_error
+    cdef readonly str name
+    cdef list _threads          # Thread objects, guarded by _threads_lock
+    cdef object _threads_lock
+    cdef object _exited         # Condition notified by each exiting worker
+    cdef int _spawned
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.mu = ke_mutex_new()
+        self.work_cv = ke_cond_new()
+        self.space_cv = ke_cond_new()
+        self.bits = MIN_TABLE_BITS
+        self.slots = <KeyState **>malloc(sizeof(KeyState *) << self.bits)
+        if self.mu is NULL or self.work_cv is NULL or self.space_cv is NULL or self.slots is NULL:
+            raise MemoryError()
+        memset(self.slots, 0, sizeof(KeyState *) << self.bits)
+        self.nbytes = sizeof(KeyState *) << self.bits
+        self._threads = []
+        self._threads_lock = threading.Lock()
+        self._exited = threading.Condition(self._threads_lock)
+
+    def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
+                 str name="keyedexec", on_error=None):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        self.max_workers = workers
+        self.batch = batch
+        self.queue_size = queue_size
+        self.idle_timeout = -1.0 if idle_timeout is None else idle_timeout
+        self.name = name
+        self.on_error = on_error
+        _lifecycle.register(self)
+
+    def __dealloc__(self):
+        # No worker can be alive: each holds a reference to self.
+        cdef size_t i
+        cdef KeyState *ks
+        if self.slots is not NULL:
+            for i in range(<size_t>1 << self.bits):
+                ks = self.slots[i]
+                if ks is not NULL:
+                    while ks.count:
+                        _release_task(&ks.ring[ks.head])
+                        ks.head = (ks.head + 1) & (ks.cap - 1)
+                        ks.count -= 1
+                    self._free_key(ks)
+            free(self.slots)
+        ke_cond_free(self.space_cv)
+        ke_cond_free(self.work_cv)
+        ke_mutex_free(self.mu)
+
+    # -- key table (mutex held) -----------------------------------------------
+
+    cdef KeyState *_find(self, object key, Py_hash_t h, size_t *pos) except? NULL:
+        """The key's state, or NULL with ``pos`` set to the free slot for it."""
+        cdef size_t mask = (<size_t>1 << self.bits) - 1
+        cdef size_t i = _home(h, 64 - self.bits)
+        cdef KeyState *ks
+        while True:
+            ks = self.slots[i]
+            if ks is NULL:
+                pos[0] = i
+                return NULL
+            if ks.hash == h and (ks.key is <PyObject *>key or
+                                 PyObject_RichCompareBool(ks.key, <PyObject *>key, Py_EQ)):
+                return ks
+            i = (i + 1) & mask
+
+    cdef int _resize(self, int bits) except -1:
+        cdef KeyState **old = self.slots
+        cdef size_t oldn = <size_t>1 << self.bits
+        cdef size_t n = <size_t>1 << bits
+        cdef size_t i, j, mask = n - 1
+        cdef KeyState **new = <KeyState **>malloc(sizeof(KeyState *) * n)
+        if new is NULL:
+            raise MemoryError()
+        memset(new, 0, sizeof(KeyState *) * n)
+        for i in range(oldn):
+            if old[i] is not NULL:
+                j = _home(old[i].hash, 64 - bits)
+                while new[j] is not NULL:
+                    j = (j + 1) & mask
+                new[j] = old[i]
+        self.slots = new
+        self.nbytes += <Py_ssize_t>(sizeof(KeyState *) * (n - oldn))
+        self.bits = bits
+        free(old)
+        return 0
+
+    cdef KeyState *_insert(self, object key, Py_hash_t h, size_t pos) except NULL:
+        cdef KeyState *ks
+        if (self.nkeys + 1) * 2 > (<size_t>1 << self.bits):
+            self._resize(self.bits + 1)
+            self._find(key, h, &pos)   # recompute the free slot: cannot compare equal now
+        ks = <KeyState *>malloc(sizeof(KeyState))
+        if ks is NULL:
+            raise MemoryError()
+        memset(ks, 0, sizeof(KeyState))
+        Py_INCREF_raw(<PyObject *>key)
+        ks.key = <PyObject *>key
+        ks.hash = h
+        ks.ring = &ks.slot0
+        ks.cap = 1
+        self.slots[pos] = ks
+        self.nkeys += 1
+        self.nbytes += sizeof(KeyState)
+        return ks
+
+    cdef void _remove(self, KeyState *ks) noexcept:
+        """Unlink ``ks`` from the table; the caller frees it after unlocking."""
+        cdef size_t mask = (<size_t>1 << self.bits) - 1
+        cdef int shift = 64 - self.bits
+        cdef size_t i = _home(ks.hash, shift)
+        cdef size_t j, k
+        while self.slots[i] is not ks:
+            i = (i + 1) & mask
+        # Backward-shift deletion keeps every probe chain unbroken.
+        j = i
+        while True:
+            self.slots[i] = NULL
+            while True:
+                j = (j + 1) & mask
+                if self.slots[j] is NULL:
+                    self.nkeys -= 1
+                    self._maybe_shrink()
+                    return
+                k = _home(self.slots[j].hash, shift)
+                if (i <= j and (i < k <= j)) or (i > j and (k > i or k <= j)):
+                    continue   # already between its home and j: stays
+                break
+            self.slots[i] = self.slots[j]
+            i = j
+
+    cdef void _maybe_shrink(self) noexcept:
+        # Give memory back once the burst of keys is gone.
+        if self.bits > MIN_TABLE_BITS and self.nkeys * 8 < (<size_t>1 << self.bits):
+            try:
+                self._resize(self.bits - 1)
+            except MemoryError:
+                pass
+
+    cdef void _free_key(self, KeyState *ks) noexcept:
+        """Free a key's memory and drop its reference (mutex *not* held)."""
+        if ks.ring is not &ks.slot0:
+            free(ks.ring)
+        Py_DECREF_raw(ks.key)
+        free(ks)
+
+    cdef void _unaccount_key(self, KeyState *ks) noexcept:
+        self.nbytes -= sizeof(KeyState)
+        if ks.ring is not &ks.slot0:
+            self.nbytes -= sizeof(Task) * ks.cap
+
+    # -- rings and ready queue (mutex held) -------------------------------------
+
+    cdef int _grow_ring(self, KeyState *ks) except -1:
+        cdef uint32_t cap = ks.cap * 2
+        cdef uint32_t i
+        cdef Task *ring = <Task *>malloc(sizeof(Task) * cap)
+        if ring is NULL:
+            raise MemoryError()
+        for i in range(ks.count):
+            ring[i] = ks.ring[(ks.head + i) & (ks.cap - 1)]
+        if ks.ring is not &ks.slot0:
+            free(ks.ring)
+            self.nbytes -= sizeof(Task) * ks.cap
+        self.nbytes += sizeof(Task) * cap
+        ks.ring = ring
+        ks.cap = cap
+        ks.head = 0
+        return 0
+
+    cdef inline void _ready_push(self, KeyState *ks) noexcept:
+        ks.flags = S_READY
+        ks.next = NULL
+        if self.ready_tail is NULL:
+            self.ready_head = ks
+        else:
+            self.ready_tail.next = ks
+        self.ready_tail = ks
+
+    cdef inline KeyState *_ready_pop(self) noexcept:
+        cdef KeyState *ks = self.ready_head
+        if ks is not NULL:
+            self.ready_head = ks.next
+            if self.ready_head is NULL:
+                self.ready_tail = NULL
+            ks.next = NULL
+        return ks
+
+    # -- submission -------------------------------------------------------------
+
+    cdef int _push(self, object key, object fn, object args, object kwargs, object fut,
+                   int kind, bint block, double timeout) except -1:
+        """Queue one task. 1: queued; 0: the key is full and we may not wait.
+
+        On any error nothing is queued and no reference is kept.
+        """
+        cdef Py_hash_t h
+        cdef size_t pos
+        cdef KeyState *ks
+        cdef Task *t
+        cdef bint notify = False, spawn = False, waited, timed_out = False
+        cdef double slice_
+        cdef unsigned long me
+        if not PyCallable_Check(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        try:
+            h = PyObject_Hash(key)
+        except TypeError as exc:
+            raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        deadline = None
+        while True:
+            _acquire(self.mu)
+            try:
+                if self.closing:
+                    raise RuntimeError(self._closed_message())
+                ks = self._find(key, h, &pos)
+                if ks is NULL:
+                    ks = self._insert(key, h, pos)
+                elif self.queue_size and ks.count >= self.queue_size:
+                    me = PyThread_get_thread_ident()
+                    if ks.runner == me:
+                        raise QueueFull(
+                            f"key {key!r} is full ({self.queue_size} queued) and this job "
+                            "runs on that key: waiting would deadlock")
+                    if not block or timed_out:
+                        return 0
+                    # Wait for space without the GIL, in slices so that
+                    # Ctrl-C reaches the main thread promptly.
+                    if timeout >= 0 and deadline is None:
+                        deadline = _monotonic() + timeout
+                    slice_ = 0.05
+                    if deadline is not None:
+                        slice_ = min(slice_, max(0.0, deadline - _monotonic()))
+                    self.blocked += 1
+                    with nogil:
+                        ke_wait(self.space_cv, self.mu, slice_)
+                        self.blocked -= 1
+                    ks = NULL
+                if ks is not NULL:
+                    if ks.count == ks.cap:
+                        self._grow_ring(ks)
+                    t = &ks.ring[(ks.head + ks.count) & (ks.cap - 1)]
+                    Py_INCREF_raw(<PyObject *>fn)
+                    Py_INCREF_raw(<PyObject *>args)
+                    t.fn = <PyObject *>fn
+                    t.args = <PyObject *>args
+                    if kwargs is None:
+                        t.kwargs = NULL
+                    else:
+                        Py_INCREF_raw(<PyObject *>kwargs)
+                        t.kwargs = <PyObject *>kwargs
+                    if fut is None:
+                        t.fut = NULL
+                    else:
+                        Py_INCREF_raw(<PyObject *>fut)
+                        t.fut = <PyObject *>fut
+                    t.kind = kind
+                    ks.count += 1
+                    self.pending += 1
+                    self.submitted += 1
+                    if ks.flags == S_IDLE:
+                        self._ready_push(ks)
+                        if self.idle > self.wakeups:
+                            self.wakeups += 1
+                            notify = True
+                        elif self.nthreads < self.max_workers:
+                            self.nthreads += 1
+                            spawn = True
+            except BaseException:
+                self._drop_if_empty(key, h)
+                raise
+            finally:
+                ke_unlock(self.mu)
+            if ks is not NULL:
+                break
+            PyErr_CheckSignals()
+            if deadline is not None and _monotonic() >= deadline:
+                timed_out = True
+        if notify:
+            ke_notify_one(self.work_cv)
+        if spawn:
+            self._spawn()
+        return 1
+
+    cdef void _drop_if_empty(self, object key, Py_hash_t h) noexcept:
+        """After a failed push (mutex held): forget a key we created for it."""
+        cdef size_t pos
+        cdef KeyState *ks
+        try:
+            ks = self._find(key, h, &pos)
+        except BaseException:
+            return
+        if ks is not NULL and ks.count == 0 and ks.flags == S_IDLE:
+            self._remove(ks)
+            self._unaccount_key(ks)
+            self._free_key_later(ks)
+
+    cdef void _free_key_later(self, KeyState *ks) noexcept:
+        # Only reached for a key we just created: its reference is the one we
+        # took in _insert and the key object is alive in the caller's frame,
+        # so releasing it under the mutex cannot run a finalizer.
+        self._free_key(ks)
+
+    cdef str _closed_message(self):
+        if self.closing == CLOSED_EXIT:
+            return "cannot schedule new tasks after interpreter shutdown"
+        if self.closing == CLOSED_FORK:
+            return ("this executor was inherited across os.fork() and cannot run "
+                    "tasks in the child; create a new one")
+        return "cannot schedule new tasks after shutdown"
+
+    cdef int _spawn(self) except -1:
+        """Start the worker thread reserved (nthreads += 1) under the mutex."""
+        with self._threads_lock:
+            self._spawned += 1
+            t = threading.Thread(target=self._worker_main,
+                                 name=f"{self.name}-worker-{self._spawned}")
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        try:
+            t.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.remove(t)
+            _acquire(self.mu)
+            self.nthreads -= 1
+            ke_unlock(self.mu)
+            self._notify_exited()
+            raise
+        return 0
+
+    cdef void _notify_exited(self) noexcept:
+        with self._exited:
+            self._exited.notify_all()
+
+    # The public submit family. Each is one C call from Python.
+
+    def execute(self, key, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on ``key``'s queue; errors go to on_error."""
+        self._push(key, fn, args, kwargs or None, None, 0, False, -1.0)
+
+    def submit(self, key, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on ``key``'s queue; return its future."""
+        fut = KeyedFuture()
+        self._push(key, fn, args, kwargs or None, fut, K_FUTURE, False, -1.0)
+        return fut
+
+    def execute_with_error(self, key, fn, /, *args, **kwargs):
+        """Like submit, but the future's result is the exception raised, or None."""
+        fut = KeyedFuture()
+        self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, -1.0)
+        return fut
+
+    def execute_with_context(self, key, ctx, fn):
+        """Run ``fn(ctx)``; skipped if ctx is cancelled when its turn comes."""
+        _check_ctx(ctx)
+        self._push(key, fn, ctx, None, None, K_CTX, False, -1.0)
+
+    def submit_with_context(self, key, ctx, fn):
+        """Run ``fn(ctx)``; the future raises ``ctx.err()`` if it was skipped."""
+        _check_ctx(ctx)
+        fut = KeyedFuture()
+        self._push(key, fn, ctx, None, fut, K_FUTURE | K_CTX, False, -1.0)
+        return fut
+
+    def execute_with_context_error(self, key, ctx, fn):
+        """Run ``fn(ctx)``; the future's result is the error (or ``ctx.err()``), or None."""
+        _check_ctx(ctx)
+        fut = KeyedFuture()
+        self._push(key, fn, ctx, None, fut, K_FUTURE | K_ERRVAL | K_CTX, False, -1.0)
+        return fut
+
+    def put(self, key, fn, ctx, bint block=True, timeout=None):
+        """TaskPool's submit: ``fn(ctx)``, waiting while the key is full.
+
+        Returns False if the key stayed full (``block`` false, or ``timeout``
+        seconds passed); raises QueueFull if waiting would deadlock.
+        """
+        _check_ctx(ctx)
+        return self._push(key, fn, ctx, None, None, K_CTX, block,
+                          -1.0 if timeout is None else timeout) == 1
+
+    # -- the worker ----------------------------------------------------------------
+
+    def _worker_main(self):
+        """Body of a worker thread: serve ready keys until shut down (or idle)."""
+        cdef KeyState *ks = NULL
+        cdef KeyState *dead = NULL
+        cdef Task t
+        cdef uint32_t served = 0
+        cdef int status = 0
+        cdef bint notify_space, woke, retire = False
+        cdef unsigned long me = PyThread_get_thread_ident()
+        _acquire(self.mu)
+        while True:
+            # (mutex held) account for the task that just ran
+            if status:
+                self.running -= 1
+                if status == T_SKIPPED:
+                    self.cancelled += 1
+                else:
+                    self.completed += 1
+                    if status == T_RAISED:
+                        self.failed += 1
+                status = 0
+            if ks is not NULL:
+                if ks.count and served < self.batch:
+                    t = ks.ring[ks.head]
+                    ks.head = (ks.head + 1) & (ks.cap - 1)
+                    ks.count -= 1
+                    self.pending -= 1
+                    self.running += 1
+                    served += 1
+                    notify_space = self.blocked > 0
+                    ke_unlock(self.mu)
+                    if dead is not NULL:
+                        self._free_key(dead)
+                        dead = NULL
+                    if notify_space:
+                        ke_notify_all(self.space_cv)
+                    status = self._run(<object>ks.key, &t)
+                    _acquire(self.mu)
+                    continue
+                if dead is not NULL:
+                    # Release the previous dead key first, outside the mutex.
+                    ke_unlock(self.mu)
+                    self._free_key(dead)
+                    dead = NULL
+                    _acquire(self.mu)
+                    continue
+                # This key's turn is over: back of the line, or gone.
+                ks.runner = 0
+                if ks.count:
+                    self._ready_push(ks)
+                else:
+                    ks.flags = S_IDLE
+                    self._remove(ks)
+                    self._unaccount_key(ks)
+                    dead = ks
+                ks = NULL
+            ks = self._ready_pop()
+            if ks is not NULL:
+                ks.flags = S_RUNNING
+                ks.runner = me
+                served = 0
+                continue
+            if self.closing:
+                break
+            # Nothing to do: wait without the GIL.
+            self.idle += 1
+            with nogil:
+                woke = ke_wait(self.work_cv, self.mu, self.idle_timeout)
+                self.idle -= 1
+                if self.wakeups:
+                    self.wakeups -= 1
+                if not woke and self.ready_head is NULL and not self.closing:
+                    retire = True   # idle for idle_timeout seconds: give the thread back
+                    self.nthreads -= 1
+                ke_unlock(self.mu)
+            if dead is not NULL:
+                self._free_key(dead)
+                dead = NULL
+            if retire:
+                self._notify_exited()
+                return
+            _acquire(self.mu)
+        self.nthreads -= 1
+        ke_unlock(self.mu)
+        if dead is not NULL:
+            self._free_key(dead)
+        self._notify_exited()
+
+    cdef int _run(self, object key, Task *t) noexcept:
+        """Run one task with the GIL; never raises. Releases the task's references."""
+        cdef int kind = t.kind
+        cdef object fn = <object>t.fn
+        cdef object args = <object>t.args
+        cdef object kwargs = None if t.kwargs is NULL else <object>t.kwargs
+        cdef object fut = None if t.fut is NULL else <object>t.fut
+        cdef object d = None
+        cdef object result
+        _release_task(t)    # the locals above own the objects now
+        try:
+            if fut is not None:
+                d = PyObject_GenericGetDict(fut, NULL)
+                if PyDict_SetDefault(d, "_state", _RUNNING) is not <PyObject *>_RUNNING:
+                    fut.set_running_or_notify_cancel()   # cancelled: notify its waiters
+                    return T_SKIPPED
+            if kind & K_CTX:
+                err = args.err()
+                if err is not None:
+                    if fut is not None:
+                        if kind & K_ERRVAL:
+                            _complete(fut, d, err, None)
+                        else:
+                            _complete(fut, d, None, err)
+                    return T_SKIPPED
+        except BaseException as exc:   # a broken context: report, go on
+            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
+            return T_SKIPPED
+        try:
+            if kind & K_CTX:
+                result = fn(args)
+            elif kwargs is not None:
+                result = fn(*args, **kwargs)
+            elif len(<tuple>args) == 0:
+                result = fn()
+            else:
+                result = fn(*args)
+        except BaseException as exc:
+            if fut is None:
+                self._report(key, exc)
+            elif kind & K_ERRVAL:
+                _complete(fut, d, exc, None)
+            else:
+                _complete(fut, d, None, exc)
+            return T_RAISED
+        if fut is not None:
+            _complete(fut, d, None if kind & K_ERRVAL else result, None)
+        return T_OK
+
+    cdef void _report(self, object key, object exc) noexcept:
+        if self.on_error is not None:
+            try:
+                self.on_error(key, exc)
+            except BaseException as handler_exc:
+                report_failure(f"on_error handler {self.on_error!r} raised for key {key!r}",
+                               handler_exc)
+
+    # -- shutdown and introspection -----------------------------------------------
+
+    cdef int _close(self, int reason) except -1:
+        cdef bint spawn = False
+        _acquire(self.mu)
+        if not self.closing:
+            self.closing = reason
+        # Queued work with no worker left (a failed start): someone must run it.
+        if self.pending and self.nthreads == 0 and reason != CLOSED_FORK:
+            self.nthreads += 1
+            spawn = True
+        ke_unlock(self.mu)
+        ke_notify_all(self.work_cv)
+        ke_notify_all(self.space_cv)
+        if spawn:
+            self._spawn()
+        return 0
+
+    def close(self):
+        """Stop accepting tasks; workers drain what is queued, then exit."""
+        self._close(CLOSED_SHUTDOWN)
+
+    def _close_for_exit(self):
+        self._close(CLOSED_EXIT)
+
+    def cancel_queued(self, key=_ALL):
+        """Drop queued tasks (all, or one key's) that have not started.
+
+        Their futures are cancelled (and waiters notified). Returns how many.
+        """
+        cdef size_t i, n = 0, need, cap = 0, pos
+        cdef Py_hash_t h = 0
+        cdef KeyState *ks = NULL
+        cdef Task *dropped = NULL
+        if key is not _ALL:
+            h = PyObject_Hash(key)
+        try:
+            while True:   # size the buffer outside the mutex, then drain under it
+                _acquire(self.mu)
+                try:
+                    if key is not _ALL:
+                        ks = self._find(key, h, &pos)
+                        need = 0 if ks is NULL else ks.count
+                    else:
+                        need = self.pending
+                    if need <= cap:
+                        if key is _ALL:
+                            for i in range(<size_t>1 << self.bits):
+                                if self.slots[i] is not NULL:
+                                    n = _drain_ring(self.slots[i], dropped, n)
+                        elif ks is not NULL:
+                            n = _drain_ring(ks, dropped, n)
+                        # Emptied keys stay in the ready queue; a worker frees them.
+                        self.pending -= n
+                        self.cancelled += n
+                        break
+                finally:
+                    ke_unlock(self.mu)
+                cap = need
+                free(dropped)
+                dropped = <Task *>malloc(sizeof(Task) * cap)
+                if dropped is NULL:
+                    raise MemoryError()
+        except BaseException:
+            free(dropped)
+            raise
+        try:
+            for i in range(n):
+                if dropped[i].fut is not NULL:
+                    (<object>dropped[i].fut)._cancel_queued()
+        finally:
+            for i in range(n):
+                _release_task(&dropped[i])
+            free(dropped)
+        return n
+
+    cdef int _live_workers(self):
+        _acquire(self.mu)
+        n = self.nthreads
+        ke_unlock(self.mu)
+        return n
+
+    def join(self, timeout=None):
+        """Wait until the workers have exited (after close). True if they did.
+
+        Waits on the worker count, not on a list of threads, so that a worker
+        being started by a racing submit is waited for too. Called from a task,
+        it does not wait for its own worker.
+        """
+        deadline = None if timeout is None else _monotonic() + timeout
+        me = threading.current_thread()
+        with self._exited:
+            own = 1 if me in self._threads else 0
+            while self._live_workers() > own:
+                remaining = None if deadline is None else deadline - _monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._exited.wait(remaining)
+            threads = list(self._threads)
+        for t in threads:
+            # Past _worker_main already: this only waits for threading's own exit.
+            if t is not me and t.ident is not None:
+                t.join(None if deadline is None else max(0.0, deadline - _monotonic()))
+        return all(not t.is_alive() for t in threads if t is not me)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self._close(CLOSED_SHUTDOWN)
+        if cancel_futures:
+            self.cancel_queued()
+        if wait:
+            self.join()
+
+    def metrics(self):
+        """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
+        _acquire(self.mu)
+        snapshot = (self.nthreads, self.running, self.pending, self.nkeys,
+                    self.submitted, self.completed, self.failed, self.cancelled)
+        ke_unlock(self.mu)
+        return snapshot
+
+    def key_pending(self, key):
+        """Queued (not running) tasks of ``key``."""
+        cdef size_t pos
+        cdef KeyState *ks
+        cdef Py_hash_t h = PyObject_Hash(key)
+        _acquire(self.mu)
+        try:
+            ks = self._find(key, h, &pos)
+            return 0 if ks is NULL else ks.count
+        finally:
+            ke_unlock(self.mu)
+
+    @property
+    def closed(self):
+        return self.closing != OPEN
+
+    @property
+    def max_workers(self):
+        return self.max_workers
+
+    def _native_bytes(self):
+        """Bytes of C memory held for keys, rings and the key table."""
+        return self.nbytes
+
+    # -- fork: keep the state consistent across it, retire the copy in the child --
+
+    def _before_fork(self):
+        _acquire(self.mu)
+
+    def _after_fork_parent(self):
+        ke_unlock(self.mu)
+
+    def _after_fork_child(self):
+        # Worker threads are gone; condition variables they waited on may be
+        # unusable, so start from fresh ones (the old ones are leaked on purpose).
+        self.mu = ke_mutex_new()
+        self.work_cv = ke_cond_new()
+        self.space_cv = ke_cond_new()
+        self._threads_lock = threading.Lock()
+        self._exited = threading.Condition(self._threads_lock)
+        self.closing = CLOSED_FORK
+        self.nthreads = 0
+        self.idle = 0
+        self.wakeups = 0
+        self.blocked = 0
+        self._threads = []
+        self.cancel_queued()
+
+
+cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:
+    while ks.count:
+        out[n] = ks.ring[ks.head]
+        ks.head = (ks.head + 1) & (ks.cap - 1)
+        ks.count -= 1
+        n += 1
+    return n
+
+
+cdef inline void _complete(object fut, object d, object result, object exc) noexcept:
+    """KeyedFuture._set_outcome in C (see keyedexec/_future.py)."""
+    if exc is None:
+        d["_result"] = result
+    else:
+        d["_exception"] = exc
+    d["_state"] = _FINISHED
+    if PyDict_GetItemWithError(d, "_condition") is not NULL:
+        fut._wake_finished()
+
+
+cdef inline int _check_ctx(object ctx) except -1:
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be a keyedexec Context, got {type(ctx).__name__}")
+    return 0
+

@@ -1,0 +1,506 @@
+"""Tests for keyedexec.context (Go-style Context)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import signal
+import threading
+import time
+import weakref
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyedexec.context import Context, background
+from keyedexec.errors import Cancelled, DeadlineExceeded
+
+
+def _registry_len(ctx: Context) -> int:
+    """Live entries in ctx's child registry (white-box)."""
+    state = ctx._state
+    assert state is not None
+    children = state._children
+    return 0 if children is None else len(children)
+
+
+# -- background / values -----------------------------------------------------
+
+
+def test_background_singleton_never_cancelled() -> None:
+    bg = background()
+    assert bg is background()
+    assert bg.err() is None
+    assert not bg.cancelled
+    assert bg.deadline is None
+    assert bg.value("x") is None
+    assert bg.wait(0) is False
+    assert "cancelled=False" in repr(bg)
+
+
+def test_background_holds_no_children() -> None:
+    bg = background()
+    kids = [bg.with_cancel() for _ in range(10)]
+    assert bg._state is None  # nothing to register with
+    for _, cancel in kids:
+        cancel()
+    assert not bg.cancelled
+
+
+def test_values_shadowing_default() -> None:
+    a = background().with_value("k", 1).with_value("other", "o")
+    b = a.with_value("k", 2)
+    c, _ = b.with_cancel()
+    d = c.with_value("z", None)
+    assert a.value("k") == 1
+    assert b.value("k") == 2
+    assert d.value("k") == 2  # through a cancellation node
+    assert d.value("other") == "o"
+    assert d.value("z", "dflt") is None  # a stored None is a value
+    assert d.value("missing") is None
+    assert d.value("missing", 42) == 42
+    assert "values=4" in repr(d)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 4), st.integers()), max_size=12
+    )
+)
+def test_values_match_dict_model(ops: list[tuple[bool, int, int]]) -> None:
+    ctx = background()
+    model: dict[int, int] = {}
+    for cancellable, k, v in ops:
+        if cancellable:
+            ctx, _ = ctx.with_cancel()
+        ctx = ctx.with_value(k, v)
+        model[k] = v
+    for k in range(5):
+        assert ctx.value(k, "none") == model.get(k, "none")
+
+
+# -- cancellation ------------------------------------------------------------
+
+
+def test_cancel_idempotent_same_err_instance() -> None:
+    ctx, cancel = background().with_cancel()
+    assert ctx.err() is None and not ctx.cancelled
+    cancel()
+    err = ctx.err()
+    assert type(err) is Cancelled
+    cancel()
+    cancel()
+    assert ctx.err() is err
+    assert ctx.cancelled
+    assert "cancelled=True" in repr(ctx)
+
+
+def test_parent_cancel_reaches_descendants() -> None:
+    root, cancel = background().with_cancel()
+    v1 = root.with_value("a", 1)
+    c1, _ = v1.with_cancel()
+    v2 = c1.with_value("b", 2)
+    c2, _ = v2.with_timeout(100)
+    v3 = c2.with_value("c", 3)
+    c3, _ = v3.with_cancel()
+    everything = [root, v1, c1, v2, c2, v3, c3]
+    assert not any(c.cancelled for c in everything)
+    cancel()
+    for c in everything:
+        assert isinstance(c.err(), Cancelled)
+        assert not isinstance(c.err(), DeadlineExceeded)
+    # A value child shares its cancellable parent's state (and err).
+    assert v3.err() is c2.err()
+
+
+def test_child_cancel_does_not_affect_parent_or_sibling() -> None:
+    parent, _ = background().with_cancel()
+    a, cancel_a = parent.with_cancel()
+    b, _ = parent.with_cancel()
+    a_child = a.with_value("x", 1)
+    cancel_a()
+    assert a.cancelled and a_child.cancelled
+    assert not parent.cancelled
+    assert not b.cancelled
+
+
+def test_child_of_cancelled_parent_starts_cancelled() -> None:
+    parent, cancel = background().with_cancel()
+    cancel()
+    child, _ = parent.with_cancel()
+    assert type(child.err()) is Cancelled
+    tchild, _ = parent.with_timeout(100)
+    assert type(tchild.err()) is Cancelled
+    assert parent.with_value("k", 1).cancelled
+
+    # An expired parent passes on DeadlineExceeded.
+    expired, _ = background().with_timeout(0)
+    child2, _ = expired.with_cancel()
+    assert isinstance(child2.err(), DeadlineExceeded)
+
+
+def test_deep_chain_no_recursion_error() -> None:
+    root, cancel = background().with_cancel()
+    ctx = root
+    for _ in range(5000):
+        ctx, _ = ctx.with_cancel()
+    cancel()
+    assert ctx.cancelled
+
+
+# -- deadlines ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_timeout_gives_deadline_exceeded() -> None:
+    before = time.monotonic()
+    ctx, _ = background().with_timeout(0.05)
+    dl = ctx.deadline
+    assert dl is not None and before + 0.05 <= dl <= time.monotonic() + 0.05
+    assert ctx.wait(5) is True
+    err = ctx.err()
+    assert isinstance(err, DeadlineExceeded)
+    assert isinstance(err, Cancelled) and isinstance(err, TimeoutError)
+    assert ctx.err() is err
+    assert time.monotonic() >= dl
+
+
+def test_long_timeout_not_cancelled() -> None:
+    ctx, cancel = background().with_timeout(60)
+    assert not ctx.cancelled and ctx.err() is None
+    cancel()
+    assert type(ctx.err()) is Cancelled  # explicit cancel before deadline
+
+
+def test_zero_and_negative_timeout_already_expired() -> None:
+    for s in (0, -1, -0.5, -math.inf):
+        ctx, _ = background().with_timeout(s)
+        assert isinstance(ctx.err(), DeadlineExceeded)
+    ctx, _ = background().with_deadline(time.monotonic() - 1)
+    assert isinstance(ctx.err(), DeadlineExceeded)
+
+
+def test_infinite_timeout_means_no_deadline() -> None:
+    ctx, _ = background().with_timeout(math.inf)
+    assert ctx.deadline is None and not ctx.cancelled
+
+
+def test_min_deadline_inheritance() -> None:
+    parent, _ = background().with_timeout(10)
+    pdl = parent.deadline
+    assert pdl is not None
+    later, _ = parent.with_timeout(100)
+    assert later.deadline == pdl
+    earlier, _ = parent.with_timeout(1)
+    assert earlier.deadline is not None and earlier.deadline < pdl
+    plain, _ = parent.with_value("k", 1).with_cancel()
+    assert plain.deadline == pdl
+    assert parent.with_value("k", 1).deadline == pdl
+    absolute, _ = parent.with_deadline(pdl - 5)
+    assert absolute.deadline == pdl - 5
+
+
+@pytest.mark.timeout(10)
+def test_inherited_deadline_expiry_cancels_owner_subtree() -> None:
+    parent, _ = background().with_timeout(0.05)
+    child, _ = parent.with_cancel()
+    sibling, _ = parent.with_cancel()
+    fired: list[Context] = []
+    sibling.add_done_callback(fired.append)
+    # Observing the expiry through one child cancels the deadline's owner,
+    # so the sibling's callback runs without anyone looking at the sibling.
+    assert child.wait(5) is True
+    assert fired == [sibling]
+    assert isinstance(parent._state._err, DeadlineExceeded)  # type: ignore[union-attr]
+    assert isinstance(sibling.err(), DeadlineExceeded)
+
+
+@pytest.mark.timeout(10)
+def test_cancel_after_unobserved_deadline_reports_deadline() -> None:
+    ctx, cancel = background().with_timeout(0.02)
+    dl = ctx.deadline
+    assert dl is not None
+    while time.monotonic() < dl:  # reading .deadline does not observe expiry
+        time.sleep(0.01)
+    cancel()
+    assert isinstance(ctx.err(), DeadlineExceeded)
+
+
+# -- wait --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_wait_true_on_cancel_from_other_thread() -> None:
+    ctx, cancel = background().with_cancel()
+    grandchild = ctx.with_value("k", 1).with_cancel()[0]
+    results: list[bool] = []
+    waiters = [
+        threading.Thread(target=lambda c=c: results.append(c.wait(5)))
+        for c in (ctx, grandchild)
+    ]
+    for t in waiters:
+        t.start()
+    time.sleep(0.02)
+    cancel()
+    for t in waiters:
+        t.join(5)
+    assert results == [True, True]
+
+
+@pytest.mark.timeout(10)
+def test_wait_false_on_timeout() -> None:
+    ctx, _ = background().with_cancel()
+    t0 = time.monotonic()
+    assert ctx.wait(0.03) is False
+    assert time.monotonic() - t0 >= 0.03
+    assert ctx.wait(0) is False
+    assert background().wait(0.01) is False
+    assert background().with_value("a", 1).wait(0.01) is False
+
+
+@pytest.mark.timeout(10)
+def test_wait_wakes_on_deadline() -> None:
+    ctx, _ = background().with_timeout(0.05)
+    t0 = time.monotonic()
+    assert ctx.wait() is True  # no timeout: only the deadline can wake it
+    assert time.monotonic() - t0 < 5
+    assert isinstance(ctx.err(), DeadlineExceeded)
+
+
+@pytest.mark.timeout(10)
+def test_wait_timeout_shorter_than_deadline() -> None:
+    ctx, _ = background().with_timeout(60)
+    assert ctx.wait(0.02) is False
+    assert not ctx.cancelled
+
+
+@pytest.mark.timeout(10)
+def test_wait_already_cancelled_returns_immediately() -> None:
+    ctx, cancel = background().with_cancel()
+    cancel()
+    assert ctx.wait() is True
+    assert ctx.wait(0) is True
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_wait_interruptible_by_sigint() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("must run in the main thread")
+    ctx, cancel = background().with_cancel()
+    main_id = threading.main_thread().ident
+    assert main_id is not None
+
+    interrupted = threading.Event()
+
+    def interrupt() -> None:
+        time.sleep(0.05)
+        signal.pthread_kill(main_id, signal.SIGINT)
+        if not interrupted.wait(2):
+            cancel()  # safety net: unblock the wait if the signal did not
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ctx.wait()
+    finally:
+        interrupted.set()
+        t.join(5)
+    assert not ctx.cancelled  # woken by the signal, not by the safety net
+
+
+# -- callbacks ---------------------------------------------------------------
+
+
+def test_done_callback_called_once() -> None:
+    ctx, cancel = background().with_cancel()
+    child = ctx.with_value("k", 1)
+    calls: list[Context] = []
+    ctx.add_done_callback(calls.append)
+    child.add_done_callback(calls.append)
+    assert calls == []
+    cancel()
+    cancel()
+    assert calls == [ctx, child]
+
+
+def test_done_callback_immediate_if_already_cancelled() -> None:
+    ctx, cancel = background().with_cancel()
+    cancel()
+    calls: list[Context] = []
+    ctx.add_done_callback(calls.append)
+    assert calls == [ctx]
+    expired, _ = background().with_timeout(0)
+    expired.add_done_callback(calls.append)
+    assert calls == [ctx, expired]
+
+
+def test_done_callback_on_background_is_dropped() -> None:
+    calls: list[Context] = []
+    background().add_done_callback(calls.append)
+    background().with_value("a", 1).add_done_callback(calls.append)
+    assert calls == []
+    with pytest.raises(TypeError):
+        background().add_done_callback(42)  # type: ignore[arg-type]
+
+
+def test_done_callback_exception_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ctx, cancel = background().with_cancel()
+    child, _ = ctx.with_cancel()
+    calls: list[str] = []
+
+    def boom(_: Context) -> None:
+        raise RuntimeError("boom")
+
+    ctx.add_done_callback(boom)
+    ctx.add_done_callback(lambda _: calls.append("after"))
+    child.add_done_callback(lambda _: calls.append("child"))
+    with caplog.at_level(logging.ERROR, logger="keyedexec"):
+        cancel()  # must not raise
+        ctx.add_done_callback(boom)  # immediate call: logged too
+    assert sorted(calls) == ["after", "child"]
+    assert child.cancelled  # the subtree was cancelled despite the exception
+    records = [r for r in caplog.records if r.name == "keyedexec"]
+    assert len(records) == 2
+    assert all(r.exc_info and r.exc_info[0] is RuntimeError for r in records)
+
+
+# -- bad input ---------------------------------------------------------------
+
+
+def test_bad_input() -> None:
+    bg = background()
+    with pytest.raises(TypeError):
+        bg.with_timeout("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        bg.with_timeout(True)
+    with pytest.raises(TypeError):
+        bg.with_deadline(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        bg.with_timeout(math.nan)
+    with pytest.raises(ValueError):
+        bg.with_deadline(math.nan)
+    ctx, _ = bg.with_cancel()
+    with pytest.raises(ValueError):
+        ctx.wait(-1)
+    with pytest.raises(ValueError):
+        bg.wait(-0.5)
+    with pytest.raises(ValueError):
+        ctx.wait(math.nan)
+    with pytest.raises(TypeError):
+        ctx.wait("1")  # type: ignore[arg-type]
+
+
+# -- memory ------------------------------------------------------------------
+
+
+def test_no_leak_of_dropped_children() -> None:
+    parent, _ = background().with_cancel()
+    refs = []
+    for _ in range(10_000):
+        child, _cancel = parent.with_cancel()
+        state = child._state
+        assert state is not None
+        refs.append(weakref.ref(state))
+    del child, _cancel, state
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert _registry_len(parent) == 0
+
+
+def test_cancelled_children_are_unregistered() -> None:
+    parent, _ = background().with_cancel()
+    kids = [parent.with_cancel() for _ in range(100)]
+    assert _registry_len(parent) == 100
+    for _, cancel in kids:
+        cancel()
+    assert _registry_len(parent) == 0
+    assert not parent.cancelled
+    # Value children never register.
+    _ = [parent.with_value(i, i) for i in range(100)]
+    assert _registry_len(parent) == 0
+
+
+def test_cancelled_parent_releases_registry() -> None:
+    parent, cancel = background().with_cancel()
+    kids = [parent.with_cancel()[0] for _ in range(10)]
+    cancel()
+    assert parent._state is not None and parent._state._children is None
+    assert all(k.cancelled for k in kids)
+
+
+# -- concurrency -------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_concurrent_cancel_runs_callbacks_once() -> None:
+    for _ in range(20):
+        ctx, cancel = background().with_cancel()
+        child, _ = ctx.with_cancel()
+        calls: list[Context] = []
+        lock = threading.Lock()
+
+        def record(c: Context) -> None:
+            with lock:
+                calls.append(c)
+
+        ctx.add_done_callback(record)
+        child.add_done_callback(record)
+        barrier = threading.Barrier(8)
+
+        def hammer() -> None:
+            barrier.wait()
+            cancel()
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert sorted(map(id, calls)) == sorted([id(ctx), id(child)])
+        assert type(child.err()) is Cancelled
+
+
+@pytest.mark.timeout(10)
+def test_concurrent_derive_and_cancel_all_children_cancelled() -> None:
+    parent, cancel = background().with_cancel()
+    made: list[list[Context]] = [[] for _ in range(4)]
+    callbacks = [0]
+    cb_lock = threading.Lock()
+    barrier = threading.Barrier(5)
+
+    def count(_: Context) -> None:
+        with cb_lock:
+            callbacks[0] += 1
+
+    def derive(out: list[Context]) -> None:
+        barrier.wait()
+        for _ in range(300):
+            c, _c = parent.with_cancel()
+            c.add_done_callback(count)
+            out.append(c)
+
+    threads = [threading.Thread(target=derive, args=(m,)) for m in made]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    time.sleep(0.001)
+    cancel()
+    for t in threads:
+        t.join(5)
+    children = [c for m in made for c in m]
+    assert len(children) == 1200
+    assert all(c.cancelled for c in children)
+    assert callbacks[0] == 1200
+
+
+def test_context_constructor_gives_root_like_context() -> None:
+    ctx = Context()
+    assert ctx is not background()
+    assert not ctx.cancelled and ctx.deadline is None and ctx.value("k") is None
