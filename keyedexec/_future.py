@@ -66,7 +66,26 @@ class _Lazy(Generic[T]):
         return value
 
 
-class KeyedFuture(Future):  # type: ignore[type-arg]
+class _LazyCondition(_Lazy[threading.Condition]):
+    """The condition, created on first use; also flags the future as watched.
+
+    ``_watched`` tells the worker's completion path that someone may wait or
+    has a callback (the native core checks it instead of the instance dict).
+    It is set after the condition exists and before the caller reads the
+    state, which keeps the no-lost-wake-up argument above intact.
+    """
+
+    __slots__ = ()
+
+    def __get__(self, obj: Any, objtype: Any = None) -> threading.Condition:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        cond = super().__get__(obj, objtype)
+        obj._watched = True
+        return cond
+
+
+class KeyedFuture(Future[T]):
     """The future returned by ``KeyedExecutor.submit`` and friends.
 
     A ``concurrent.futures.Future`` in every respect; only cheaper.
@@ -76,12 +95,13 @@ class KeyedFuture(Future):  # type: ignore[type-arg]
     _state = PENDING
     _result = None
     _exception = None
-    _condition = _Lazy(threading.Condition)
-    _waiters = _Lazy(list)
-    _done_callbacks = _Lazy(list)
+    _watched = False
+    _condition = _LazyCondition(threading.Condition)
+    _waiters: _Lazy[list[Any]] = _Lazy(list)
+    _done_callbacks: _Lazy[list[Callable[[Future[Any]], object]]] = _Lazy(list)
 
     # Skip Future.__init__: everything it builds is lazy here.
-    __init__ = object.__init__  # type: ignore[assignment]
+    __init__ = object.__init__
 
     # -- lock-free reads: a single attribute read is atomic ---------------------
 
@@ -94,11 +114,11 @@ class KeyedFuture(Future):  # type: ignore[type-arg]
     def running(self) -> bool:
         return self._state == RUNNING
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         if self._state == FINISHED:
             exc = self._exception
             if exc is None:
-                return self._result
+                return self._result  # type: ignore[return-value]
             try:
                 raise exc
             finally:
@@ -121,7 +141,7 @@ class KeyedFuture(Future):  # type: ignore[type-arg]
             if self.__dict__.setdefault("_state", CANCELLED) != CANCELLED:
                 return False
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -158,7 +178,7 @@ class KeyedFuture(Future):  # type: ignore[type-arg]
                     else:
                         waiter.add_result(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _cancel_queued(self) -> None:
         """Cancel a future whose task will never run, and notify its waiters.

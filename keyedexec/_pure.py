@@ -42,7 +42,8 @@ _CLOSED_MESSAGES = {
 _ALL = object()
 _get_ident = threading.get_ident
 
-Task = tuple  # (fn, args_or_ctx, kwargs_or_None, future_or_None, kind)
+# (fn, args or the context, kwargs or None, future or None, kind)
+Task = tuple[Any, Any, "dict[str, Any] | None", "KeyedFuture[Any] | None", int]
 
 
 class _KeyState:
@@ -108,7 +109,7 @@ class Scheduler:
         fn: Any,
         args: Any,
         kwargs: dict[str, Any] | None,
-        fut: KeyedFuture | None,
+        fut: KeyedFuture[Any] | None,
         kind: int,
         block: bool,
         timeout: float | None,
@@ -186,17 +187,17 @@ class Scheduler:
         """Run ``fn(*args, **kwargs)`` on ``key``'s queue; errors go to on_error."""
         self._push(key, fn, args, kwargs or None, None, 0, False, None)
 
-    def submit(self, key: Any, fn: Any, /, *args: Any, **kwargs: Any) -> KeyedFuture:
+    def submit(self, key: Any, fn: Any, /, *args: Any, **kwargs: Any) -> KeyedFuture[Any]:
         """Run ``fn(*args, **kwargs)`` on ``key``'s queue; return its future."""
-        fut = KeyedFuture()
+        fut: KeyedFuture[Any] = KeyedFuture()
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE, False, None)
         return fut
 
     def execute_with_error(
         self, key: Any, fn: Any, /, *args: Any, **kwargs: Any
-    ) -> KeyedFuture:
+    ) -> KeyedFuture[Any]:
         """Like submit, but the future's result is the exception raised, or None."""
-        fut = KeyedFuture()
+        fut: KeyedFuture[Any] = KeyedFuture()
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, None)
         return fut
 
@@ -205,17 +206,17 @@ class Scheduler:
         _check_ctx(ctx)
         self._push(key, fn, ctx, None, None, K_CTX, False, None)
 
-    def submit_with_context(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture:
+    def submit_with_context(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture[Any]:
         """Run ``fn(ctx)``; the future raises ``ctx.err()`` if it was skipped."""
         _check_ctx(ctx)
-        fut = KeyedFuture()
+        fut: KeyedFuture[Any] = KeyedFuture()
         self._push(key, fn, ctx, None, fut, K_FUTURE | K_CTX, False, None)
         return fut
 
-    def execute_with_context_error(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture:
+    def execute_with_context_error(self, key: Any, ctx: Context, fn: Any) -> KeyedFuture[Any]:
         """Run ``fn(ctx)``; the future's result is the error (or ``ctx.err()``), or None."""
         _check_ctx(ctx)
-        fut = KeyedFuture()
+        fut: KeyedFuture[Any] = KeyedFuture()
         self._push(key, fn, ctx, None, fut, K_FUTURE | K_ERRVAL | K_CTX, False, None)
         return fut
 

@@ -125,12 +125,12 @@ class KeyedExecutor(Generic[K]):
         )
         self._sched = sched
         # The hot paths, bound straight to the scheduler: no Python frame in between.
-        self.execute = sched.execute
-        self.submit = sched.submit
-        self.execute_with_error = sched.execute_with_error
-        self.execute_with_context = sched.execute_with_context
-        self.execute_with_context_error = sched.execute_with_context_error
-        self.submit_with_context = sched.submit_with_context
+        self.execute = sched.execute  # type: ignore[method-assign]
+        self.submit = sched.submit  # type: ignore[method-assign]
+        self.execute_with_error = sched.execute_with_error  # type: ignore[method-assign]
+        self.execute_with_context = sched.execute_with_context  # type: ignore[method-assign]
+        self.execute_with_context_error = sched.execute_with_context_error  # type: ignore[method-assign]
+        self.submit_with_context = sched.submit_with_context  # type: ignore[method-assign]
         # Dropped without shutdown: stop accepting and let the workers drain and exit.
         weakref.finalize(self, sched.close)
 
@@ -148,18 +148,18 @@ class KeyedExecutor(Generic[K]):
 
     def submit(
         self, key: K, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> KeyedFuture:
+    ) -> KeyedFuture[R]:
         """Like :meth:`execute`, returning a ``concurrent.futures.Future`` of the result."""
-        fut: KeyedFuture = self._sched.submit(key, fn, *args, **kwargs)
+        fut: KeyedFuture[R] = self._sched.submit(key, fn, *args, **kwargs)
         return fut
 
     def execute_with_error(
         self, key: K, fn: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs
-    ) -> KeyedFuture:
+    ) -> KeyedFuture[Any]:
         """Go's ``ExecuteWithError``: the future's *result* is the exception ``fn``
         raised, or None. ``.result()`` never raises it (it may raise CancelledError).
         """
-        fut: KeyedFuture = self._sched.execute_with_error(key, fn, *args, **kwargs)
+        fut: KeyedFuture[Any] = self._sched.execute_with_error(key, fn, *args, **kwargs)
         return fut
 
     def execute_with_context(self, key: K, ctx: Context, fn: Callable[[Context], object]) -> None:
@@ -172,18 +172,20 @@ class KeyedExecutor(Generic[K]):
 
     def execute_with_context_error(
         self, key: K, ctx: Context, fn: Callable[[Context], object]
-    ) -> KeyedFuture:
+    ) -> KeyedFuture[Any]:
         """Go's ``ExecuteWithContextError``: run ``fn(ctx)``; the future's result is
         the exception raised, or ``ctx.err()`` if the task was skipped, or None.
         """
-        fut: KeyedFuture = self._sched.execute_with_context_error(key, ctx, fn)
+        fut: KeyedFuture[Any] = self._sched.execute_with_context_error(key, ctx, fn)
         return fut
 
-    def submit_with_context(self, key: K, ctx: Context, fn: Callable[[Context], R]) -> KeyedFuture:
+    def submit_with_context(
+        self, key: K, ctx: Context, fn: Callable[[Context], R]
+    ) -> KeyedFuture[R]:
         """Run ``fn(ctx)``; the future holds its result. If the task was skipped
         because ``ctx`` was cancelled, the future raises ``ctx.err()``.
         """
-        fut: KeyedFuture = self._sched.submit_with_context(key, ctx, fn)
+        fut: KeyedFuture[R] = self._sched.submit_with_context(key, ctx, fn)
         return fut
 
     # -- Python conventions ---------------------------------------------------------------
@@ -210,7 +212,7 @@ class KeyedExecutor(Generic[K]):
         timeout = _check_timeout("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
         submit = self._sched.submit
-        fs: list[KeyedFuture] = []
+        fs: list[KeyedFuture[R]] = []
         try:
             for args in zip(*iterables):
                 fs.append(submit(object() if key is None else key(*args), fn, *args))
@@ -281,7 +283,7 @@ class KeyedExecutor(Generic[K]):
         )
 
 
-def _results(fs: list[KeyedFuture], end: float | None) -> Iterator[Any]:
+def _results(fs: list[KeyedFuture[R]], end: float | None) -> Iterator[R]:
     # A separate generator so that map() submits eagerly, like Executor.map.
     fs.reverse()  # pop from the end: results are released as they are yielded
     try:

@@ -166,8 +166,11 @@ class TaskPool(Generic[K]):
         """A snapshot of the pool's counters (see ``KeyedExecutor.metrics``)."""
         sched = self._sched
         m = (0,) * 8 if sched is None else sched.metrics()
+        w, running, pending, keys, submitted, completed, failed, cancelled = m
         # Jobs are only ever skipped because stop() cancelled the pool's context.
-        return PoolMetrics(*m, discarded=m[7])
+        return PoolMetrics(
+            w, running, pending, keys, submitted, completed, failed, cancelled, cancelled
+        )
 
     @property
     def context(self) -> Context | None:

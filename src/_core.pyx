@@ -35,9 +35,10 @@ from keyedexec._report import report_failure
 from keyedexec.context import Context
 from keyedexec.errors import QueueFull
 
-from concurrent.futures._base import FINISHED, RUNNING
+from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from time import monotonic as _monotonic
 
+cdef object _PENDING = PENDING
 cdef object _RUNNING = RUNNING
 cdef object _FINISHED = FINISHED
 cdef object _ALL = object()   # cancel_queued(): every key
@@ -55,6 +56,17 @@ cdef extern from "Python.h":
     void Py_DECREF_raw "Py_DECREF"(PyObject *o)
     void Py_XDECREF_raw "Py_XDECREF"(PyObject *o)
     int Py_EQ
+
+
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #define KE_FREE_THREADED 1
+    #else
+    #define KE_FREE_THREADED 0
+    #endif
+    """
+    const bint KE_FREE_THREADED
 
 
 cdef extern from "sync.h" nogil:
@@ -667,23 +679,20 @@ cdef class Scheduler:
         cdef object args = <object>t.args
         cdef object kwargs = None if t.kwargs is NULL else <object>t.kwargs
         cdef object fut = None if t.fut is NULL else <object>t.fut
-        cdef object d = None
         cdef object result
         _release_task(t)    # the locals above own the objects now
         try:
-            if fut is not None:
-                d = PyObject_GenericGetDict(fut, NULL)
-                if PyDict_SetDefault(d, "_state", _RUNNING) is not <PyObject *>_RUNNING:
-                    fut.set_running_or_notify_cancel()   # cancelled: notify its waiters
-                    return T_SKIPPED
+            if fut is not None and not _claim(fut):
+                fut.set_running_or_notify_cancel()   # cancelled: notify its waiters
+                return T_SKIPPED
             if kind & K_CTX:
                 err = args.err()
                 if err is not None:
                     if fut is not None:
                         if kind & K_ERRVAL:
-                            _complete(fut, d, err, None)
+                            _complete(fut, err, None)
                         else:
-                            _complete(fut, d, None, err)
+                            _complete(fut, None, err)
                     return T_SKIPPED
         except BaseException as exc:   # a broken context: report, go on
             report_failure(f"keyedexec could not start a task for key {key!r}", exc)
@@ -701,12 +710,12 @@ cdef class Scheduler:
             if fut is None:
                 self._report(key, exc)
             elif kind & K_ERRVAL:
-                _complete(fut, d, exc, None)
+                _complete(fut, exc, None)
             else:
-                _complete(fut, d, None, exc)
+                _complete(fut, None, exc)
             return T_RAISED
         if fut is not None:
-            _complete(fut, d, None if kind & K_ERRVAL else result, None)
+            _complete(fut, None if kind & K_ERRVAL else result, None)
         return T_OK
 
     cdef void _report(self, object key, object exc) noexcept:
@@ -895,14 +904,40 @@ cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:
     return n
 
 
-cdef inline void _complete(object fut, object d, object result, object exc) noexcept:
-    """KeyedFuture._set_outcome in C (see keyedexec/_future.py)."""
+cdef inline bint _claim(object fut) except -1:
+    """KeyedFuture: PENDING -> RUNNING, unless cancel() got there first.
+
+    See keyedexec/_future.py. With a GIL, reading and writing the attribute
+    runs no Python code in between (it is a plain class-level default), so the
+    pair is atomic against cancel(); without one, only a single dict operation is.
+    """
+    if KE_FREE_THREADED:
+        return PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state",
+                                 _RUNNING) is <PyObject *>_RUNNING
+    if fut._state is not _PENDING:
+        return False
+    fut._state = _RUNNING
+    return True
+
+
+cdef inline void _complete(object fut, object result, object exc) noexcept:
+    """KeyedFuture._set_outcome in C: outcome, then FINISHED, then wake waiters."""
+    if KE_FREE_THREADED:
+        d = PyObject_GenericGetDict(fut, NULL)
+        if exc is None:
+            d["_result"] = result
+        else:
+            d["_exception"] = exc
+        d["_state"] = _FINISHED
+        if PyDict_GetItemWithError(d, "_condition") is not NULL:
+            fut._wake_finished()
+        return
     if exc is None:
-        d["_result"] = result
+        fut._result = result
     else:
-        d["_exception"] = exc
-    d["_state"] = _FINISHED
-    if PyDict_GetItemWithError(d, "_condition") is not NULL:
+        fut._exception = exc
+    fut._state = _FINISHED
+    if fut._watched:   # set when the condition was created: someone may wait
         fut._wake_finished()
 
 
