@@ -438,6 +438,12 @@ class Scheduler:
             ks = self._keys.get(key)
             return 0 if ks is None else len(ks.tasks)
 
+    def serving(self, key: Any) -> bool:
+        """True if the calling thread is a worker running a task of ``key``."""
+        with self._lock:
+            ks = self._keys.get(key)
+            return ks is not None and ks.runner == _get_ident()
+
     @property
     def closed(self) -> bool:
         return self._closing != OPEN

@@ -858,6 +858,19 @@ cdef class Scheduler:
         finally:
             ke_unlock(self.mu)
 
+    def serving(self, key):
+        """True if the calling thread is a worker running a task of ``key``."""
+        cdef size_t pos
+        cdef KeyState *ks
+        cdef Py_hash_t h = PyObject_Hash(key)
+        cdef unsigned long me = PyThread_get_thread_ident()
+        _acquire(self.mu)
+        try:
+            ks = self._find(key, h, &pos)
+            return ks is not NULL and ks.runner == me
+        finally:
+            ke_unlock(self.mu)
+
     @property
     def closed(self):
         return self.closing != OPEN
