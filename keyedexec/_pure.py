@@ -130,14 +130,14 @@ class Scheduler:
                 if ks is None:
                     ks = self._keys[key] = _KeyState(key)
                 elif self._queue_size and len(ks.tasks) >= self._queue_size:
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if not block or (remaining is not None and remaining <= 0):
+                        return False
                     if ks.runner == _get_ident():
                         raise QueueFull(
                             f"key {key!r} is full ({self._queue_size} queued) and this "
                             "job runs on that key: waiting would deadlock"
                         )
-                    remaining = None if deadline is None else deadline - monotonic()
-                    if not block or (remaining is not None and remaining <= 0):
-                        return False
                     self._blocked += 1
                     try:
                         self._space.wait(remaining)

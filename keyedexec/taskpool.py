@@ -139,9 +139,11 @@ class TaskPool(Generic[K]):
             sched, cancel = self._sched, self._cancel
         if sched is None:
             return True
-        sched.close()
         assert cancel is not None
+        # Cancel first: a queued job whose turn comes while stop() runs is then
+        # skipped, never started with a live context.
         cancel()
+        sched.close()
         sched.cancel_queued()
         finished: bool = sched.join(timeout)
         return finished

@@ -419,13 +419,13 @@ cdef class Scheduler:
                 if ks is NULL:
                     ks = self._insert(key, h, pos)
                 elif self.queue_size and ks.count >= self.queue_size:
+                    if not block or timed_out:
+                        return 0
                     me = PyThread_get_thread_ident()
                     if ks.runner == me:
                         raise QueueFull(
                             f"key {key!r} is full ({self.queue_size} queued) and this job "
                             "runs on that key: waiting would deadlock")
-                    if not block or timed_out:
-                        return 0
                     # Wait for space without the GIL, in slices so that
                     # Ctrl-C reaches the main thread promptly.
                     if timeout >= 0 and deadline is None:
