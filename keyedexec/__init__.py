@@ -7,6 +7,8 @@ different keys run in parallel. Two facades over one scheduler:
   ``map``, the ``execute_with_*`` family of the Go ``keyedexecutor``.
 * :class:`TaskPool`: bounded per-key queues with backpressure and a context
   that ``stop()`` cancels, like the Go ``taskpool``.
+* :class:`AsyncKeyedExecutor` (``keyedexec.aio``): the same ordering for
+  coroutine functions on an asyncio event loop.
 
 ``keyedexec.NATIVE`` tells whether the compiled core is in use.
 """
@@ -16,12 +18,14 @@ from ._impl import NATIVE
 from .context import Context, background
 from .errors import Cancelled, DeadlineExceeded, QueueFull
 from .executor import KeyedExecutor, Metrics, Stats
+from .aio import AsyncKeyedExecutor
 from .taskpool import PoolMetrics, TaskPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NATIVE",
+    "AsyncKeyedExecutor",
     "Cancelled",
     "Context",
     "DeadlineExceeded",

@@ -438,6 +438,11 @@ class Scheduler:
             ks = self._keys.get(key)
             return 0 if ks is None else len(ks.tasks)
 
+    def key_active(self, key: Any) -> bool:
+        """True if ``key`` has queued or running tasks."""
+        with self._lock:
+            return key in self._keys
+
     def serving(self, key: Any) -> bool:
         """True if the calling thread is a worker running a task of ``key``."""
         with self._lock:

@@ -242,13 +242,16 @@ class KeyedExecutor(Generic[K]):
         """Wait until every task queued for ``key`` at the call has finished.
 
         Returns False if ``timeout`` seconds passed first. Works by queueing a
-        no-op behind them (it shows in ``metrics()`` as one task). Raises
+        no-op behind them (it shows in ``metrics()`` as one task) unless the
+        key is idle, in which case it returns True at once. Raises
         RuntimeError when called from a task of ``key`` itself (it would wait
         for itself forever).
         """
         timeout = _check_timeout("timeout", timeout)
         if self._sched.serving(key):
             raise RuntimeError(f"wait_key({key!r}) from a task of that key would deadlock")
+        if not self._sched.key_active(key):
+            return True  # nothing queued or running: nothing to wait for
         try:
             barrier = self._sched.submit(key, _noop)
         except RuntimeError:
@@ -287,7 +290,7 @@ class KeyedExecutor(Generic[K]):
             raise TypeError(f"key must be callable or None, got {type(key).__name__}")
         timeout = _check_timeout("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        submit = self.submit
+        submit: Callable[..., KeyedFuture[R]] = self.submit
         fs: list[KeyedFuture[R]] = []
         try:
             for args in zip(*iterables):
@@ -397,7 +400,8 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
         if cancel_futures:
             for f in futures:
                 f.cancel()
-        if wait:
+        # From a task of this key, waiting would wait for that very task.
+        if wait and not self._executor._sched.serving(self._key):
             concurrent.futures.wait(futures)
 
     def __repr__(self) -> str:

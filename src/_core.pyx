@@ -858,6 +858,16 @@ cdef class Scheduler:
         finally:
             ke_unlock(self.mu)
 
+    def key_active(self, key):
+        """True if ``key`` has queued or running tasks."""
+        cdef size_t pos
+        cdef Py_hash_t h = PyObject_Hash(key)
+        _acquire(self.mu)
+        try:
+            return self._find(key, h, &pos) is not NULL
+        finally:
+            ke_unlock(self.mu)
+
     def serving(self, key):
         """True if the calling thread is a worker running a task of ``key``."""
         cdef size_t pos
