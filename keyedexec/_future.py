@@ -25,6 +25,7 @@ The native core performs the same claim and completion steps in C.
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import (
@@ -45,9 +46,13 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 class _Lazy(Generic[T]):
     """Non-data descriptor: builds the attribute on first access, once.
 
-    After the first access the value sits in the instance ``__dict__``, which
-    takes precedence over a non-data descriptor, so later reads are plain
-    attribute reads. ``setdefault`` keeps one value when two threads race.
+    After the first access the value is an instance attribute, which takes
+    precedence over a non-data descriptor, so later reads are plain attribute
+    reads. Waiter and callback lists are first used under the future's
+    condition (or once it is final), so two threads never race to create one.
+    The attribute is set, not written to ``__dict__``: on GIL builds a future
+    keeps its attributes inline, and a materialised dict per waited-on future
+    would cost an allocation and a GC-tracked object.
     """
 
     __slots__ = ("factory", "name")
@@ -62,8 +67,20 @@ class _Lazy(Generic[T]):
     def __get__(self, obj: Any, objtype: Any = None) -> T:
         if obj is None:
             return self  # type: ignore[return-value]
-        value: T = obj.__dict__.setdefault(self.name, self.factory())
+        value: T = self.factory()
+        setattr(obj, self.name, value)
         return value
+
+
+# Order "is anyone watching?" (a worker completing a future) against "start
+# watching" (creating its condition). Striped by the future's address so that
+# workers on a free-threaded build rarely meet on one lock. The native core on
+# GIL builds needs none: its check and write run without a GIL switch between.
+_SEALS = tuple(threading.Lock() for _ in range(64))
+
+
+def _seal(fut: object) -> threading.Lock:
+    return _SEALS[(id(fut) >> 4) & 63]  # the native core computes the same index
 
 
 class _LazyCondition(_Lazy[threading.Condition]):
@@ -80,8 +97,13 @@ class _LazyCondition(_Lazy[threading.Condition]):
     def __get__(self, obj: Any, objtype: Any = None) -> threading.Condition:
         if obj is None:
             return self  # type: ignore[return-value]
-        cond = super().__get__(obj, objtype)
-        obj._watched = True
+        fresh = threading.Condition()
+        with _seal(obj):
+            if obj._watched:  # another thread created it since our lookup
+                cond: threading.Condition = obj._condition
+            else:
+                obj._condition = cond = fresh
+                obj._watched = True
         return cond
 
 
@@ -101,7 +123,17 @@ class KeyedFuture(Future[T]):
     _done_callbacks: _Lazy[list[Callable[[Future[Any]], object]]] = _Lazy(list)
 
     # Skip Future.__init__: everything it builds is lazy here.
-    __init__ = object.__init__
+    if sys.version_info >= (3, 11):
+        __init__ = object.__init__
+    else:
+
+        def __init__(self) -> None:
+            # Before 3.11 the instance dict is created by the first attribute
+            # write, and creating it can run the GC, hence other threads, before
+            # it is stored: a racing first write from the worker would create a
+            # second dict and one thread's writes would be lost. Create it here,
+            # before any other thread can see the future.
+            self.__dict__  # noqa: B018
 
     # -- lock-free reads: a single attribute read is atomic ---------------------
 
@@ -163,20 +195,27 @@ class KeyedFuture(Future[T]):
             d["_result"] = result
         else:
             d["_exception"] = exception
-        d["_state"] = FINISHED
-        if "_condition" in d:
-            self._wake_finished()
+        with _seal(self):
+            if "_condition" not in d:
+                # Nobody watches, and nobody can start before this write: no
+                # waiter has seen the future unfinished. (_state exists since
+                # the claim, so this replaces a value and allocates nothing.)
+                d["_state"] = FINISHED
+                return
+        self._finish_watched()
 
-    def _wake_finished(self) -> None:
-        """Slow path of completion: someone waits or registered a callback."""
+    def _finish_watched(self) -> None:
+        """Completion when someone may wait: FINISHED under the condition, like
+        Future.set_result, so a waiter that saw the future unfinished is notified
+        once and one that saw it finished is not notified at all."""
         with self._condition:
-            if "_waiters" in self.__dict__:
-                failed = self._exception is not None
-                for waiter in self._waiters:
-                    if failed:
-                        waiter.add_exception(self)
-                    else:
-                        waiter.add_result(self)
+            self._state = FINISHED
+            failed = self._exception is not None
+            for waiter in self._waiters:
+                if failed:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
 

@@ -122,29 +122,33 @@ class Scheduler:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         deadline = None if timeout is None else monotonic() + timeout
         spawn = False
+        # What the critical section needs is allocated before it: an allocation
+        # under the lock may run the GC, whose finalizers may submit (deadlock).
+        task: Task = (fn, args, kwargs, fut, kind)
+        fresh = _KeyState(key)
+        refused = 0
         with self._lock:
             while True:
                 if self._closing:
-                    raise RuntimeError(_CLOSED_MESSAGES[self._closing])
+                    refused = self._closing
+                    break
                 ks = self._keys.get(key)
                 if ks is None:
-                    ks = self._keys[key] = _KeyState(key)
+                    ks = self._keys[key] = fresh
                 elif self._queue_size and len(ks.tasks) >= self._queue_size:
                     remaining = None if deadline is None else deadline - monotonic()
                     if not block or (remaining is not None and remaining <= 0):
                         return False
                     if ks.runner == _get_ident():
-                        raise QueueFull(
-                            f"key {key!r} is full ({self._queue_size} queued) and this "
-                            "job runs on that key: waiting would deadlock"
-                        )
+                        refused = -1
+                        break
                     self._blocked += 1
                     try:
                         self._space.wait(remaining)
                     finally:
                         self._blocked -= 1
                     continue
-                ks.tasks.append((fn, args, kwargs, fut, kind))
+                ks.tasks.append(task)
                 self._pending += 1
                 self._submitted += 1
                 if not ks.ready and not ks.runner:
@@ -157,6 +161,13 @@ class Scheduler:
                         self._nthreads += 1
                         spawn = True
                 break
+        if refused > 0:
+            raise RuntimeError(_CLOSED_MESSAGES[refused])
+        if refused < 0:
+            raise QueueFull(
+                f"key {key!r} is full ({self._queue_size} queued) and this "
+                "job runs on that key: waiting would deadlock"
+            )
         if spawn:
             self._spawn()
         return True
@@ -200,6 +211,11 @@ class Scheduler:
         fut: KeyedFuture[Any] = KeyedFuture()
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, None)
         return fut
+
+    def _fast_methods(self) -> tuple[Callable[..., None], Callable[..., Any], Callable[..., Any]]:
+        """(execute, submit, execute_with_error): the native core's are faster
+        variants of the same methods; here they are the methods themselves."""
+        return (self.execute, self.submit, self.execute_with_error)
 
     def execute_with_context(self, key: Any, ctx: Context, fn: Any) -> None:
         """Run ``fn(ctx)``; skipped if ctx is cancelled when its turn comes."""
@@ -306,7 +322,12 @@ class Scheduler:
         try:
             if fut is not None and not fut.set_running_or_notify_cancel():
                 return T_SKIPPED
+        except BaseException as exc:  # not expected: report it, go on
+            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
+            return T_SKIPPED
+        try:
             if kind & K_CTX:
+                # Inside the task's try: a context whose err() raises fails the task.
                 err = args.err()
                 if err is not None:
                     if fut is not None:
@@ -315,11 +336,6 @@ class Scheduler:
                         else:
                             fut._set_outcome(None, err)
                     return T_SKIPPED
-        except BaseException as exc:  # a broken context: report, go on
-            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
-            return T_SKIPPED
-        try:
-            if kind & K_CTX:
                 result = fn(args)
             elif kwargs is not None:
                 result = fn(*args, **kwargs)
@@ -332,6 +348,9 @@ class Scheduler:
                 fut._set_outcome(exc, None)
             else:
                 fut._set_outcome(None, exc)
+            # exc's traceback keeps this frame: drop the task's objects from it,
+            # or exc -> frame -> fut -> exc holds them until the cyclic gc runs.
+            del task, fn, args, kwargs, fut
             return T_RAISED
         if fut is not None:
             fut._set_outcome(None if kind & K_ERRVAL else result, None)
@@ -420,17 +439,11 @@ class Scheduler:
 
     def metrics(self) -> tuple[int, int, int, int, int, int, int, int]:
         """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
-        with self._lock:
-            return (
-                self._nthreads,
-                self._running,
-                self._pending,
-                len(self._keys),
-                self._submitted,
-                self._completed,
-                self._failed,
-                self._cancelled,
-            )
+        with self._lock:  # the tuple is built after unlocking (see _push)
+            nthreads, running, pending = self._nthreads, self._running, self._pending
+            nkeys, submitted, completed = len(self._keys), self._submitted, self._completed
+            failed, cancelled = self._failed, self._cancelled
+        return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
     def key_pending(self, key: Any) -> int:
         """Queued (not running) tasks of ``key``."""

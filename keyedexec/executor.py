@@ -138,9 +138,10 @@ class KeyedExecutor(Generic[K]):
         self._copy_context = bool(copy_context)
         if not copy_context:
             # The hot paths, bound straight to the scheduler: no Python frame in between.
-            self.execute = sched.execute  # type: ignore[method-assign]
-            self.submit = sched.submit  # type: ignore[method-assign]
-            self.execute_with_error = sched.execute_with_error  # type: ignore[method-assign]
+            fast = sched._fast_methods()
+            self.execute = fast[0]  # type: ignore[method-assign]
+            self.submit = fast[1]  # type: ignore[method-assign]
+            self.execute_with_error = fast[2]  # type: ignore[method-assign]
             self.execute_with_context = sched.execute_with_context  # type: ignore[method-assign]
             self.execute_with_context_error = sched.execute_with_context_error  # type: ignore[method-assign]
             self.submit_with_context = sched.submit_with_context  # type: ignore[method-assign]
@@ -281,8 +282,10 @@ class KeyedExecutor(Generic[K]):
         ``key(*args)`` gives each call's key: calls with equal keys run one at a
         time, in input order. Without ``key`` every call is independent. All
         calls are submitted at once; the first exception is raised when its
-        result is reached; ``timeout`` bounds the whole iteration (TimeoutError).
-        Closing the iterator early cancels the calls that have not started.
+        result is reached; ``timeout`` bounds the whole iteration
+        (``concurrent.futures.TimeoutError``). Closing the iterator (or dropping
+        it) after its first ``next()`` cancels the calls that have not started;
+        an iterator closed before it ever ran cancels nothing, as in the stdlib.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")

@@ -24,13 +24,16 @@ task and no running one.
 from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+# Python's allocator (GIL/thread state held at every call): small blocks come from
+# pymalloc arenas, which go back to the OS once a burst of keys has drained, and
+# tracemalloc sees the core's memory.
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memset
 
 import threading
 
 from keyedexec import _lifecycle
-from keyedexec._future import KeyedFuture
+from keyedexec._future import _SEALS, KeyedFuture
 from keyedexec._report import report_failure
 from keyedexec.context import Context
 from keyedexec.errors import QueueFull
@@ -206,7 +209,7 @@ cdef class Scheduler:
         self.work_cv = ke_cond_new()
         self.space_cv = ke_cond_new()
         self.bits = MIN_TABLE_BITS
-        self.slots = <KeyState **>malloc(sizeof(KeyState *) << self.bits)
+        self.slots = <KeyState **>PyMem_Malloc(sizeof(KeyState *) << self.bits)
         if self.mu is NULL or self.work_cv is NULL or self.space_cv is NULL or self.slots is NULL:
             raise MemoryError()
         memset(self.slots, 0, sizeof(KeyState *) << self.bits)
@@ -244,7 +247,7 @@ cdef class Scheduler:
                         ks.head = (ks.head + 1) & (ks.cap - 1)
                         ks.count -= 1
                     self._free_key(ks)
-            free(self.slots)
+            PyMem_Free(self.slots)
         ke_cond_free(self.space_cv)
         ke_cond_free(self.work_cv)
         ke_mutex_free(self.mu)
@@ -271,7 +274,7 @@ cdef class Scheduler:
         cdef size_t oldn = <size_t>1 << self.bits
         cdef size_t n = <size_t>1 << bits
         cdef size_t i, j, mask = n - 1
-        cdef KeyState **new = <KeyState **>malloc(sizeof(KeyState *) * n)
+        cdef KeyState **new = <KeyState **>PyMem_Malloc(sizeof(KeyState *) * n)
         if new is NULL:
             raise MemoryError()
         memset(new, 0, sizeof(KeyState *) * n)
@@ -284,7 +287,7 @@ cdef class Scheduler:
         self.slots = new
         self.nbytes += <Py_ssize_t>(sizeof(KeyState *) * (n - oldn))
         self.bits = bits
-        free(old)
+        PyMem_Free(old)
         return 0
 
     cdef KeyState *_insert(self, object key, Py_hash_t h, size_t pos) except NULL:
@@ -292,7 +295,7 @@ cdef class Scheduler:
         if (self.nkeys + 1) * 2 > (<size_t>1 << self.bits):
             self._resize(self.bits + 1)
             self._find(key, h, &pos)   # recompute the free slot: cannot compare equal now
-        ks = <KeyState *>malloc(sizeof(KeyState))
+        ks = <KeyState *>PyMem_Malloc(sizeof(KeyState))
         if ks is NULL:
             raise MemoryError()
         memset(ks, 0, sizeof(KeyState))
@@ -342,9 +345,16 @@ cdef class Scheduler:
     cdef void _free_key(self, KeyState *ks) noexcept:
         """Free a key's memory and drop its reference (mutex *not* held)."""
         if ks.ring is not &ks.slot0:
-            free(ks.ring)
+            PyMem_Free(ks.ring)
         Py_DECREF_raw(ks.key)
-        free(ks)
+        PyMem_Free(ks)
+
+    cdef KeyState *_free_key_unlocked(self, KeyState *ks) noexcept:
+        """_free_key with the mutex released around it (held on entry and exit); NULL."""
+        ke_unlock(self.mu)
+        self._free_key(ks)
+        _acquire(self.mu)
+        return NULL
 
     cdef void _unaccount_key(self, KeyState *ks) noexcept:
         self.nbytes -= sizeof(KeyState)
@@ -356,13 +366,13 @@ cdef class Scheduler:
     cdef int _grow_ring(self, KeyState *ks) except -1:
         cdef uint32_t cap = ks.cap * 2
         cdef uint32_t i
-        cdef Task *ring = <Task *>malloc(sizeof(Task) * cap)
+        cdef Task *ring = <Task *>PyMem_Malloc(sizeof(Task) * cap)
         if ring is NULL:
             raise MemoryError()
         for i in range(ks.count):
             ring[i] = ks.ring[(ks.head + i) & (ks.cap - 1)]
         if ks.ring is not &ks.slot0:
-            free(ks.ring)
+            PyMem_Free(ks.ring)
             self.nbytes -= sizeof(Task) * ks.cap
         self.nbytes += sizeof(Task) * cap
         ks.ring = ring
@@ -403,6 +413,7 @@ cdef class Scheduler:
         cdef bint notify = False, spawn = False, waited, timed_out = False
         cdef double slice_
         cdef unsigned long me
+        cdef int refused = 0    # 1: closed, 2: own key full; raised once unlocked
         if not PyCallable_Check(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         try:
@@ -414,7 +425,10 @@ cdef class Scheduler:
             _acquire(self.mu)
             try:
                 if self.closing:
-                    raise RuntimeError(self._closed_message())
+                    # Raised after unlocking: creating an exception may run the
+                    # GC (3.10/3.11), whose finalizers may submit.
+                    refused = 1
+                    break
                 ks = self._find(key, h, &pos)
                 if ks is NULL:
                     ks = self._insert(key, h, pos)
@@ -423,9 +437,8 @@ cdef class Scheduler:
                         return 0
                     me = PyThread_get_thread_ident()
                     if ks.runner == me:
-                        raise QueueFull(
-                            f"key {key!r} is full ({self.queue_size} queued) and this job "
-                            "runs on that key: waiting would deadlock")
+                        refused = 2
+                        break
                     # Wait for space without the GIL, in slices so that
                     # Ctrl-C reaches the main thread promptly.
                     if timeout >= 0 and deadline is None:
@@ -478,6 +491,11 @@ cdef class Scheduler:
             PyErr_CheckSignals()
             if deadline is not None and _monotonic() >= deadline:
                 timed_out = True
+        if refused == 1:
+            raise RuntimeError(self._closed_message())
+        if refused == 2:
+            raise QueueFull(f"key {key!r} is full ({self.queue_size} queued) and this job "
+                            "runs on that key: waiting would deadlock")
         if notify:
             ke_notify_one(self.work_cv)
         if spawn:
@@ -553,6 +571,12 @@ cdef class Scheduler:
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, -1.0)
         return fut
 
+    def _fast_methods(self):
+        """(execute, submit, execute_with_error) bound to this scheduler, taking
+        their arguments as a vector: no kwargs dict per call (see the end of
+        this module)."""
+        return tuple(PyCFunction_NewEx(&_FAST_DEFS[i], self, __name__) for i in range(3))
+
     def execute_with_context(self, key, ctx, fn):
         """Run ``fn(ctx)``; skipped if ctx is cancelled when its turn comes."""
         _check_ctx(ctx)
@@ -625,10 +649,7 @@ cdef class Scheduler:
                     continue
                 if dead is not NULL:
                     # Release the previous dead key first, outside the mutex.
-                    ke_unlock(self.mu)
-                    self._free_key(dead)
-                    dead = NULL
-                    _acquire(self.mu)
+                    dead = self._free_key_unlocked(dead)
                     continue
                 # This key's turn is over: back of the line, or gone.
                 ks.runner = 0
@@ -648,6 +669,10 @@ cdef class Scheduler:
                 continue
             if self.closing:
                 break
+            if dead is not NULL:
+                # Free the last key before sleeping: an idle worker holds nothing.
+                dead = self._free_key_unlocked(dead)
+                continue
             # Nothing to do: wait without the GIL.
             self.idle += 1
             with nogil:
@@ -659,9 +684,6 @@ cdef class Scheduler:
                     retire = True   # idle for idle_timeout seconds: give the thread back
                     self.nthreads -= 1
                 ke_unlock(self.mu)
-            if dead is not NULL:
-                self._free_key(dead)
-                dead = NULL
             if retire:
                 self._notify_exited()
                 return
@@ -685,7 +707,12 @@ cdef class Scheduler:
             if fut is not None and not _claim(fut):
                 fut.set_running_or_notify_cancel()   # cancelled: notify its waiters
                 return T_SKIPPED
+        except BaseException as exc:   # not expected: report it, go on
+            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
+            return T_SKIPPED
+        try:
             if kind & K_CTX:
+                # Inside the task's try: a context whose err() raises fails the task.
                 err = args.err()
                 if err is not None:
                     if fut is not None:
@@ -694,11 +721,6 @@ cdef class Scheduler:
                         else:
                             _complete(fut, None, err)
                     return T_SKIPPED
-        except BaseException as exc:   # a broken context: report, go on
-            report_failure(f"keyedexec could not start a task for key {key!r}", exc)
-            return T_SKIPPED
-        try:
-            if kind & K_CTX:
                 result = fn(args)
             elif kwargs is not None:
                 result = fn(*args, **kwargs)
@@ -785,12 +807,12 @@ cdef class Scheduler:
                 finally:
                     ke_unlock(self.mu)
                 cap = need
-                free(dropped)
-                dropped = <Task *>malloc(sizeof(Task) * cap)
+                PyMem_Free(dropped)
+                dropped = <Task *>PyMem_Malloc(sizeof(Task) * cap)
                 if dropped is NULL:
                     raise MemoryError()
         except BaseException:
-            free(dropped)
+            PyMem_Free(dropped)
             raise
         try:
             for i in range(n):
@@ -799,7 +821,7 @@ cdef class Scheduler:
         finally:
             for i in range(n):
                 _release_task(&dropped[i])
-            free(dropped)
+            PyMem_Free(dropped)
         return n
 
     cdef int _live_workers(self):
@@ -840,11 +862,17 @@ cdef class Scheduler:
 
     def metrics(self):
         """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
+        cdef int nthreads
+        cdef Py_ssize_t running, pending
+        cdef size_t nkeys
+        cdef unsigned long long submitted, completed, failed, cancelled
         _acquire(self.mu)
-        snapshot = (self.nthreads, self.running, self.pending, self.nkeys,
-                    self.submitted, self.completed, self.failed, self.cancelled)
+        nthreads, running, pending, nkeys = self.nthreads, self.running, self.pending, self.nkeys
+        submitted, completed = self.submitted, self.completed
+        failed, cancelled = self.failed, self.cancelled
         ke_unlock(self.mu)
-        return snapshot
+        # Built after unlocking: a tuple allocation may run the GC (3.10/3.11).
+        return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
     def key_pending(self, key):
         """Queued (not running) tasks of ``key``."""
@@ -944,24 +972,36 @@ cdef inline bint _claim(object fut) except -1:
 
 
 cdef inline void _complete(object fut, object result, object exc) noexcept:
-    """KeyedFuture._set_outcome in C: outcome, then FINISHED, then wake waiters."""
+    """KeyedFuture._set_outcome in C: outcome, then FINISHED (under the condition
+    if anyone watches, as Future.set_result does)."""
+    cdef bint watched
     if KE_FREE_THREADED:
         d = PyObject_GenericGetDict(fut, NULL)
         if exc is None:
             d["_result"] = result
         else:
             d["_exception"] = exc
-        d["_state"] = _FINISHED
-        if PyDict_GetItemWithError(d, "_condition") is not NULL:
-            fut._wake_finished()
+        # No GIL orders this against a waiter creating the condition: the
+        # seal does (KeyedFuture._set_outcome, _LazyCondition).
+        with _SEALS[(<size_t><void*>fut >> 4) & 63]:
+            watched = PyDict_GetItemWithError(d, "_condition") is not NULL
+            if not watched:
+                d["_state"] = _FINISHED
+        if watched:
+            fut._finish_watched()
         return
     if exc is None:
         fut._result = result
     else:
         fut._exception = exc
-    fut._state = _FINISHED
-    if fut._watched:   # set when the condition was created: someone may wait
-        fut._wake_finished()
+    # From the check to the write no Python code runs (``_state`` exists since
+    # _claim, so the write allocates nothing): with the GIL, no waiter can start
+    # watching in between. A waiter that did start before sees RUNNING and is
+    # notified by _finish_watched; one that reads FINISHED is never notified.
+    if fut._watched:
+        fut._finish_watched()
+    else:
+        fut._state = _FINISHED
 
 
 cdef inline int _check_ctx(object ctx) except -1:
@@ -969,3 +1009,109 @@ cdef inline int _check_ctx(object ctx) except -1:
         raise TypeError(f"ctx must be a keyedexec Context, got {type(ctx).__name__}")
     return 0
 
+
+
+# -- vectorcall entry points ---------------------------------------------------------
+#
+# ``def execute(self, key, fn, /, *args, **kwargs)`` builds a kwargs dict on every
+# call, even an empty one, and that dict (allocation, GC tracking, dealloc) is a
+# large share of a no-op task's cost. These take the interpreter's argument
+# vector as it is (METH_FASTCALL | METH_KEYWORDS) and build a dict only when
+# keywords were passed. KeyedExecutor binds them per scheduler (_fast_methods).
+
+cdef extern from "Python.h":
+    ctypedef PyObject *(*PyCFunction)(PyObject *, PyObject *)
+    ctypedef struct PyMethodDef:
+        const char *ml_name
+        PyCFunction ml_meth
+        int ml_flags
+        const char *ml_doc
+    int METH_FASTCALL
+    int METH_KEYWORDS
+    object PyCFunction_NewEx(PyMethodDef *ml, object self, object module)
+    tuple PyTuple_New(Py_ssize_t n)
+    void PyTuple_SET_ITEM_raw "PyTuple_SET_ITEM"(object t, Py_ssize_t i, PyObject *o)
+    PyObject *PyTuple_GET_ITEM_raw "PyTuple_GET_ITEM"(PyObject *t, Py_ssize_t i)
+    Py_ssize_t PyTuple_GET_SIZE_raw "PyTuple_GET_SIZE"(PyObject *t)
+
+ctypedef PyObject *(*_Vectorcall)(PyObject *, PyObject **, Py_ssize_t, PyObject *) except NULL
+
+
+cdef inline int _check_call(const char *name, Py_ssize_t nargs) except -1:
+    if nargs < 2:
+        raise TypeError(f"{name.decode()}() takes a key and a callable, then its arguments "
+                        f"({nargs} positional argument{'' if nargs == 1 else 's'} given)")
+    return 0
+
+
+cdef tuple _rest(PyObject **args, Py_ssize_t nargs):
+    """args[2:nargs] as a tuple."""
+    if nargs == 2:
+        return ()
+    cdef tuple t = PyTuple_New(nargs - 2)
+    cdef Py_ssize_t i
+    for i in range(2, nargs):
+        Py_INCREF_raw(args[i])   # SET_ITEM steals it
+        PyTuple_SET_ITEM_raw(t, i - 2, args[i])
+    return t
+
+
+cdef object _kwargs(PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """The keyword arguments (their values follow the positional ones), or None."""
+    if kwnames is NULL or PyTuple_GET_SIZE_raw(kwnames) == 0:
+        return None
+    cdef dict d = {}
+    cdef Py_ssize_t i
+    for i in range(PyTuple_GET_SIZE_raw(kwnames)):
+        d[<object>PyTuple_GET_ITEM_raw(kwnames, i)] = <object>args[nargs + i]
+    return d
+
+
+cdef PyObject *_execute_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
+                           PyObject *kwnames) except NULL:
+    _check_call(b"execute", nargs)
+    (<Scheduler>self)._push(<object>args[0], <object>args[1], _rest(args, nargs),
+                            _kwargs(args, nargs, kwnames), None, 0, False, -1.0)
+    Py_INCREF_raw(<PyObject *>None)
+    return <PyObject *>None
+
+
+cdef PyObject *_submit_kind(PyObject *self, PyObject **args, Py_ssize_t nargs,
+                            PyObject *kwnames, const char *name, int kind) except NULL:
+    _check_call(name, nargs)
+    fut = KeyedFuture()
+    (<Scheduler>self)._push(<object>args[0], <object>args[1], _rest(args, nargs),
+                            _kwargs(args, nargs, kwnames), fut, kind, False, -1.0)
+    Py_INCREF_raw(<PyObject *>fut)   # the caller's reference
+    return <PyObject *>fut
+
+
+cdef PyObject *_submit_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
+                          PyObject *kwnames) except NULL:
+    return _submit_kind(self, args, nargs, kwnames, b"submit", K_FUTURE)
+
+
+cdef PyObject *_execute_with_error_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
+                                      PyObject *kwnames) except NULL:
+    return _submit_kind(self, args, nargs, kwnames, b"execute_with_error", K_FUTURE | K_ERRVAL)
+
+
+cdef PyMethodDef _FAST_DEFS[3]
+
+
+cdef void _fast_def(int i, const char *name, _Vectorcall fn, const char *doc) noexcept:
+    _FAST_DEFS[i].ml_name = name
+    _FAST_DEFS[i].ml_meth = <PyCFunction><void *>fn
+    _FAST_DEFS[i].ml_flags = METH_FASTCALL | METH_KEYWORDS
+    _FAST_DEFS[i].ml_doc = doc
+
+
+_fast_def(0, b"execute", _execute_vc,
+          b"execute(key, fn, /, *args, **kwargs)\n--\n\n"
+          b"Run fn(*args, **kwargs) on key's queue; errors go to on_error.")
+_fast_def(1, b"submit", _submit_vc,
+          b"submit(key, fn, /, *args, **kwargs)\n--\n\n"
+          b"Run fn(*args, **kwargs) on key's queue; return its future.")
+_fast_def(2, b"execute_with_error", _execute_with_error_vc,
+          b"execute_with_error(key, fn, /, *args, **kwargs)\n--\n\n"
+          b"Like submit, but the future's result is the exception raised, or None.")
