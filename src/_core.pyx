@@ -26,7 +26,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
 # pymalloc arenas, which go back to the OS once a burst of keys has drained, and
-# tracemalloc sees the core's memory.
+# tracemalloc sees them. Large blocks are mapped directly (_block_alloc).
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memset
 
@@ -88,6 +88,26 @@ cdef extern from "sync.h" nogil:
     void ke_notify_one(ke_cond *cv)
     void ke_notify_all(ke_cond *cv)
     void ke_cpu_relax()
+
+
+cdef extern from "blocks.h" nogil:
+    const size_t KE_BIG_BLOCK
+    void *ke_map(size_t n)
+    void ke_unmap(void *p, size_t n)
+
+
+cdef inline void *_block_alloc(size_t n) noexcept:
+    """For arrays that can grow large (key table, rings): see blocks.h."""
+    return ke_map(n) if n >= KE_BIG_BLOCK else PyMem_Malloc(n)
+
+
+cdef inline void _block_free(void *p, size_t n) noexcept:
+    """Free a _block_alloc block of ``n`` bytes (NULL is fine)."""
+    if n >= KE_BIG_BLOCK:
+        if p is not NULL:
+            ke_unmap(p, n)
+    else:
+        PyMem_Free(p)
 
 
 # What a task does with its outcome (bit flags in Task.kind).
@@ -209,7 +229,7 @@ cdef class Scheduler:
         self.work_cv = ke_cond_new()
         self.space_cv = ke_cond_new()
         self.bits = MIN_TABLE_BITS
-        self.slots = <KeyState **>PyMem_Malloc(sizeof(KeyState *) << self.bits)
+        self.slots = <KeyState **>_block_alloc(sizeof(KeyState *) << self.bits)
         if self.mu is NULL or self.work_cv is NULL or self.space_cv is NULL or self.slots is NULL:
             raise MemoryError()
         memset(self.slots, 0, sizeof(KeyState *) << self.bits)
@@ -247,7 +267,7 @@ cdef class Scheduler:
                         ks.head = (ks.head + 1) & (ks.cap - 1)
                         ks.count -= 1
                     self._free_key(ks)
-            PyMem_Free(self.slots)
+            _block_free(self.slots, sizeof(KeyState *) << self.bits)
         ke_cond_free(self.space_cv)
         ke_cond_free(self.work_cv)
         ke_mutex_free(self.mu)
@@ -274,7 +294,7 @@ cdef class Scheduler:
         cdef size_t oldn = <size_t>1 << self.bits
         cdef size_t n = <size_t>1 << bits
         cdef size_t i, j, mask = n - 1
-        cdef KeyState **new = <KeyState **>PyMem_Malloc(sizeof(KeyState *) * n)
+        cdef KeyState **new = <KeyState **>_block_alloc(sizeof(KeyState *) * n)
         if new is NULL:
             raise MemoryError()
         memset(new, 0, sizeof(KeyState *) * n)
@@ -287,7 +307,7 @@ cdef class Scheduler:
         self.slots = new
         self.nbytes += <Py_ssize_t>(sizeof(KeyState *) * (n - oldn))
         self.bits = bits
-        PyMem_Free(old)
+        _block_free(old, sizeof(KeyState *) * oldn)
         return 0
 
     cdef KeyState *_insert(self, object key, Py_hash_t h, size_t pos) except NULL:
@@ -345,7 +365,7 @@ cdef class Scheduler:
     cdef void _free_key(self, KeyState *ks) noexcept:
         """Free a key's memory and drop its reference (mutex *not* held)."""
         if ks.ring is not &ks.slot0:
-            PyMem_Free(ks.ring)
+            _block_free(ks.ring, sizeof(Task) * ks.cap)
         Py_DECREF_raw(ks.key)
         PyMem_Free(ks)
 
@@ -366,13 +386,13 @@ cdef class Scheduler:
     cdef int _grow_ring(self, KeyState *ks) except -1:
         cdef uint32_t cap = ks.cap * 2
         cdef uint32_t i
-        cdef Task *ring = <Task *>PyMem_Malloc(sizeof(Task) * cap)
+        cdef Task *ring = <Task *>_block_alloc(sizeof(Task) * cap)
         if ring is NULL:
             raise MemoryError()
         for i in range(ks.count):
             ring[i] = ks.ring[(ks.head + i) & (ks.cap - 1)]
         if ks.ring is not &ks.slot0:
-            PyMem_Free(ks.ring)
+            _block_free(ks.ring, sizeof(Task) * ks.cap)
             self.nbytes -= sizeof(Task) * ks.cap
         self.nbytes += sizeof(Task) * cap
         ks.ring = ring
@@ -806,13 +826,13 @@ cdef class Scheduler:
                         break
                 finally:
                     ke_unlock(self.mu)
+                _block_free(dropped, sizeof(Task) * cap)
                 cap = need
-                PyMem_Free(dropped)
-                dropped = <Task *>PyMem_Malloc(sizeof(Task) * cap)
+                dropped = <Task *>_block_alloc(sizeof(Task) * cap)
                 if dropped is NULL:
                     raise MemoryError()
         except BaseException:
-            PyMem_Free(dropped)
+            _block_free(dropped, sizeof(Task) * cap)
             raise
         try:
             for i in range(n):
@@ -821,7 +841,7 @@ cdef class Scheduler:
         finally:
             for i in range(n):
                 _release_task(&dropped[i])
-            PyMem_Free(dropped)
+            _block_free(dropped, sizeof(Task) * cap)
         return n
 
     cdef int _live_workers(self):
