@@ -231,3 +231,23 @@ class KeyedFuture(Future[T]):
             except RuntimeError:
                 pass  # already notified
 
+
+
+def _teach_instance_attributes() -> None:
+    """Register every instance attribute name with the class, before any real
+    future exists.
+
+    CPython (3.11+) keeps instance attributes inline, without a dict, only for
+    names in the class's shared key table, and that table stops taking new
+    names once a few dozen instances exist. If many futures are created before
+    the first one completes (idle workers, a burst of submits), ``_result``
+    would arrive too late, and from then on every future of the process would
+    carry a full dict: twice the allocations and GC work per task.
+    """
+    primer = KeyedFuture.__new__(KeyedFuture)
+    for name in ("_state", "_result", "_exception", "_watched", "_condition",
+                 "_waiters", "_done_callbacks"):
+        setattr(primer, name, None)
+
+
+_teach_instance_attributes()

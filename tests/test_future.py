@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import sysconfig
 import threading
 from typing import Any
 
@@ -234,3 +238,34 @@ def test_repr_in_every_state(ex: Any, gate: threading.Event) -> None:
     failed.exception(T)
     assert "state=finished raised Boom" in repr(failed)
     assert repr(queued).startswith("<KeyedFuture at 0x")
+
+
+_BURST = """
+import gc, threading
+from keyedexec import KeyedExecutor
+gate = threading.Event()
+with KeyedExecutor(2) as ex:
+    ex.execute("k", gate.wait, 10)
+    futures = [ex.submit("k", abs, -i) for i in range(1000)]
+    gate.set()
+    assert [f.result(10) for f in futures] == list(range(1000))
+# An instance's attributes are reported one by one when they sit inline, as
+# one dict when the instance had to fall back to a dict of its own.
+print(sum(any(type(r) is dict for r in gc.get_referents(f)) for f in futures))
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11) or bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+                    reason="inline instance attributes: CPython 3.11+ with a GIL")
+def test_futures_stay_dict_free_after_a_burst(impl: Any) -> None:
+    """In a fresh interpreter, a thousand futures created before the first one
+    completes still complete without a per-future dict. (CPython stops adding
+    names to a class's shared attribute table after a few dozen instances; a
+    name first set later costs every future a dict: twice the GC work.)"""
+    if impl.name != "native":
+        pytest.skip("the pure-Python scheduler completes through __dict__ by design")
+    env = {k: v for k, v in os.environ.items() if k != "KEYEDEXEC_PURE_PYTHON"}
+    proc = subprocess.run([sys.executable, "-c", _BURST], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.split() == ["0"]
