@@ -941,6 +941,25 @@ cdef class Scheduler:
         """Bytes of C memory held for keys, rings and the key table."""
         return self.nbytes
 
+    def _mapped_bytes(self):
+        """The part of _native_bytes() in blocks mapped from the OS (blocks.h),
+        which tracemalloc does not see; the rest went through PyMem_Malloc."""
+        cdef size_t i, size
+        cdef Py_ssize_t mapped = 0
+        cdef KeyState *ks
+        _acquire(self.mu)
+        size = sizeof(KeyState *) << self.bits
+        if size >= KE_BIG_BLOCK:
+            mapped += size
+        for i in range(<size_t>1 << self.bits):
+            ks = self.slots[i]
+            if ks is not NULL and ks.ring is not &ks.slot0:
+                size = sizeof(Task) * ks.cap
+                if size >= KE_BIG_BLOCK:
+                    mapped += size
+        ke_unlock(self.mu)
+        return mapped
+
     # -- fork: keep the state consistent across it, retire the copy in the child --
 
     def _before_fork(self):
