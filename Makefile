@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-pure test-dev bench bench-full annotate debug-build clean
+.PHONY: all venv build test test-pure test-dev typecheck bench bench-full annotate debug-build clean
 
 all: test
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=77" "Cython>=3.1" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,uvloop]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,uvloop,typing]"
 	touch $@
 
 venv: $(STAMP)
@@ -36,6 +36,10 @@ test-pure: $(STAMP)
 # Once under the development mode (extra runtime checks, ResourceWarnings).
 test-dev: build
 	$(PY) -X dev -m pytest $(PYTEST_ARGS)
+
+# The typing promise: mypy --strict on the package (and its .pyi stubs) and on examples/.
+typecheck: $(STAMP)
+	$(PY) -m mypy --strict keyedexec examples
 
 # The comparison table (bench/README.md): quick sizes, a few minutes on 2 cores.
 # Results: bench/results/ (latest.json, benchmark.json, bench.png with the 'chart' extra).
