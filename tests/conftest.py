@@ -8,6 +8,7 @@ extension); with KEYEDEXEC_REQUIRE_NATIVE=1 a missing extension is an error.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import threading
 import time
@@ -91,3 +92,62 @@ def thread_guard() -> Any:
 
 NATIVE_AVAILABLE = _core is not None
 STRESS = float(os.environ.get("KEYEDEXEC_STRESS", "1"))
+
+
+class Harness:
+    """Executors and gates of one test (the ``h`` fixture): teardown opens every
+    gate, then shuts the executors down, bounded so that a broken scheduler
+    fails the teardown instead of hanging it."""
+
+    wait = 10.0  # seconds any single wait may take
+
+    def __init__(self, impl: Any) -> None:
+        self.impl = impl
+        self.executors: list[KeyedExecutor[Any]] = []
+        self.gates: list[threading.Event] = []
+
+    def executor(self, workers: int = 4, **kw: Any) -> KeyedExecutor[Any]:
+        ex = self.impl.KeyedExecutor(workers, **kw)
+        self.executors.append(ex)
+        return ex
+
+    def gate(self) -> threading.Event:
+        ev = threading.Event()
+        self.gates.append(ev)
+        return ev
+
+    def block(self, ex: KeyedExecutor[Any], key: Any) -> tuple[threading.Event, cf.Future[Any]]:
+        """Occupy ``key`` with a running task until the returned gate is set."""
+        return self.block_with(lambda fn: ex.submit(key, fn))
+
+    def block_with(
+        self, submit: Callable[[Callable[[], str]], cf.Future[Any]]
+    ) -> tuple[threading.Event, cf.Future[Any]]:
+        """Run a task through ``submit`` that holds its key until the returned gate is set."""
+        started, gate = threading.Event(), self.gate()
+
+        def blocker() -> str:
+            started.set()
+            gate.wait()
+            return "blocker"
+
+        fut = submit(blocker)
+        assert started.wait(self.wait)
+        return gate, fut
+
+    def close(self) -> None:
+        # Opening the gates first lets a failed test's blockers finish.
+        for gate in self.gates:
+            gate.set()
+        for ex in self.executors:
+            ex.shutdown(wait=False, cancel_futures=True)
+        for ex in self.executors:
+            assert wait_until(lambda: ex.metrics().workers == 0, self.wait), ex
+            ex.shutdown(wait=True)  # joins the exited threads
+
+
+@pytest.fixture
+def h(impl: Any) -> Any:
+    harness = Harness(impl)
+    yield harness
+    harness.close()

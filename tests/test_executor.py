@@ -10,7 +10,6 @@ gate), so no assertion depends on timing.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
 import logging
 import random
 import threading
@@ -35,56 +34,6 @@ from keyedexec import (
 pytestmark = pytest.mark.timeout(30)
 
 T = 10.0  # seconds any single wait may take before the test fails
-
-
-class Harness:
-    """Executors and gates of one test: teardown opens every gate, then shuts down."""
-
-    def __init__(self, impl: Any) -> None:
-        self.impl = impl
-        self.executors: list[KeyedExecutor[Any]] = []
-        self.gates: list[threading.Event] = []
-
-    def executor(self, workers: int = 4, **kw: Any) -> KeyedExecutor[Any]:
-        ex = self.impl.KeyedExecutor(workers, **kw)
-        self.executors.append(ex)
-        return ex
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def block(self, ex: KeyedExecutor[Any], key: Any) -> tuple[threading.Event, cf.Future[Any]]:
-        """Occupy ``key`` with a running task until the returned gate is set."""
-        started, gate = threading.Event(), self.gate()
-
-        def blocker() -> str:
-            started.set()
-            gate.wait()
-            return "blocker"
-
-        fut = ex.submit(key, blocker)
-        assert started.wait(T)
-        return gate, fut
-
-    def close(self) -> None:
-        # Opening the gates first lets a failed test's blockers finish; the
-        # bounded wait keeps a broken scheduler from hanging the teardown.
-        for gate in self.gates:
-            gate.set()
-        for ex in self.executors:
-            ex.shutdown(wait=False, cancel_futures=True)
-        for ex in self.executors:
-            assert wait_until(functools.partial(stopped, ex), T), ex
-            ex.shutdown(wait=True)  # joins the exited threads
-
-
-@pytest.fixture
-def h(impl: Any) -> Any:
-    harness = Harness(impl)
-    yield harness
-    harness.close()
 
 
 class Collide:

@@ -12,60 +12,17 @@ import asyncio
 import concurrent.futures as cf
 import contextvars
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from keyedexec import KeyedExecutor, background
+from keyedexec import background
 
 pytestmark = pytest.mark.timeout(30)
 
 T = 10.0  # seconds any single wait may take before the test fails
 
 var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
-
-
-class Harness:
-    """Executors and gates of one test: teardown opens every gate, then shuts down."""
-
-    def __init__(self, impl: Any) -> None:
-        self.impl = impl
-        self.executors: list[KeyedExecutor[Any]] = []
-        self.gates: list[threading.Event] = []
-
-    def executor(self, workers: int = 4, **kw: Any) -> KeyedExecutor[Any]:
-        ex = self.impl.KeyedExecutor(workers, **kw)
-        self.executors.append(ex)
-        return ex
-
-    def block(
-        self, submit: Callable[..., cf.Future[Any]]
-    ) -> tuple[threading.Event, cf.Future[Any]]:
-        """Run a task through ``submit`` that holds its key until the returned gate is set."""
-        started, gate = threading.Event(), threading.Event()
-        self.gates.append(gate)
-
-        def blocker() -> str:
-            started.set()
-            gate.wait()
-            return "blocker"
-
-        fut = submit(blocker)
-        assert started.wait(T)
-        return gate, fut
-
-    def close(self) -> None:
-        for gate in self.gates:
-            gate.set()
-        for ex in self.executors:
-            ex.shutdown(wait=True, cancel_futures=True)
-
-
-@pytest.fixture
-def h(impl: Any) -> Any:
-    harness = Harness(impl)
-    yield harness
-    harness.close()
 
 
 class Overlap:
@@ -140,7 +97,7 @@ def test_view_shutdown_cancel_futures_cancels_its_queued_tasks(h: Any) -> None:
     """view.shutdown(cancel_futures=True): its queued tasks are cancelled, the running one ends."""
     ex = h.executor(2)
     view = ex.for_key("k")
-    gate, running = h.block(view.submit)
+    gate, running = h.block_with(view.submit)
     queued = [view.submit(lambda: None) for _ in range(3)]
     direct = ex.submit("k", lambda: "not through the view")
     view.shutdown(wait=False, cancel_futures=True)
@@ -192,7 +149,7 @@ def test_cancelling_the_awaitable_cancels_a_queued_task(h: Any) -> None:
     ran: list[str] = []
 
     async def main() -> None:
-        gate, _ = h.block(lambda fn: ex.submit("k", fn))
+        gate, _ = h.block(ex, "k")
         doomed = ex.submit_async("k", ran.append, "doomed")
         kept = ex.submit_async("k", ran.append, "kept")
         doomed.cancel()
@@ -221,10 +178,10 @@ def test_wait_key_times_out_then_returns_true_once_drained(h: Any) -> None:
     """False while the key's tasks are held; True once they (and only they) finished."""
     ex = h.executor(2)
     done: list[int] = []
-    gate, _ = h.block(lambda fn: ex.submit("k", fn))
+    gate, _ = h.block(ex, "k")
     for i in range(3):
         ex.execute("k", done.append, i)
-    other_gate, other = h.block(lambda fn: ex.submit("other", fn))
+    other_gate, other = h.block(ex, "other")
     assert ex.wait_key("k", timeout=0.05) is False
     gate.set()
     assert ex.wait_key("k", timeout=T) is True
@@ -251,7 +208,7 @@ def test_wait_key_after_shutdown(h: Any) -> None:
     """After shutdown(wait=False), wait_key waits for the drain of everything accepted."""
     ex = h.executor(2)
     done: list[int] = []
-    gate, _ = h.block(lambda fn: ex.submit("k", fn))
+    gate, _ = h.block(ex, "k")
     ex.execute("k", done.append, 1)
     ex.shutdown(wait=False)
     assert ex.wait_key("k", timeout=0.05) is False
@@ -282,8 +239,8 @@ def test_wait_key_rejects_bad_timeouts(h: Any) -> None:
 def test_cancel_key_cancels_that_keys_queued_tasks_only(h: Any) -> None:
     """Returns the count; their futures are cancelled; running task and other keys untouched."""
     ex = h.executor(3)
-    gate_a, running_a = h.block(lambda fn: ex.submit("a", fn))
-    gate_b, running_b = h.block(lambda fn: ex.submit("b", fn))
+    gate_a, running_a = h.block(ex, "a")
+    gate_b, running_b = h.block(ex, "b")
     queued_a = [ex.submit("a", lambda: "a") for _ in range(4)]
     ex.execute("a", print, "never printed")
     queued_b = [ex.submit("b", lambda: "b") for _ in range(2)]
@@ -352,7 +309,7 @@ def test_copy_context_snapshot_is_taken_at_submit(h: Any) -> None:
         var.set("changed in task")
         return before
 
-    gate, _ = h.block(lambda fn: ex.submit("k", fn))
+    gate, _ = h.block(ex, "k")
     token = var.set("one")
     try:
         f1 = ex.submit("k", set_and_read)
