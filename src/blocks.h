@@ -15,6 +15,12 @@
 #define KE_BIG_BLOCK ((size_t)64 * 1024)
 
 #if defined(_WIN32)
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#ifndef NOMINMAX
+#define NOMINMAX /* keep std::min/std::max usable in the generated C++ */
+#endif
 #include <windows.h>
 
 static inline void *ke_map(size_t n) {
