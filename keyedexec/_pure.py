@@ -97,7 +97,7 @@ class Scheduler:
         self._submitted = self._completed = self._failed = self._cancelled = 0
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
-        self._exited = threading.Condition(self._threads_lock)
+        self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self._spawned = 0
         register(self)
 
@@ -173,13 +173,14 @@ class Scheduler:
         return True
 
     def _spawn(self) -> None:
+        # Nothing is allocated under _threads_lock: an allocation may run the GC,
+        # and a finalizer that submits may need to spawn a worker too.
+        t = threading.Thread(target=self._worker_main)
         with self._threads_lock:
             self._spawned += 1
-            t = threading.Thread(
-                target=self._worker_main, name=f"{self.name}-worker-{self._spawned}"
-            )
-            self._threads = [x for x in self._threads if x.is_alive()]
+            n = self._spawned
             self._threads.append(t)
+        t.name = f"{self.name}-worker-{n}"
         try:
             t.start()
         except BaseException:
@@ -191,6 +192,12 @@ class Scheduler:
             raise
 
     def _notify_exited(self) -> None:
+        """A worker exits (or failed to start): forget the threads that have
+        exited, so the list stays as long as the pool, and wake join()."""
+        exited = [t for t in self._threads[:] if t.ident is not None and not t.is_alive()]
+        with self._threads_lock:  # no allocation in here: see _spawn
+            for i in range(len(exited)):
+                self._threads.remove(exited[i])
         with self._exited:
             self._exited.notify_all()
 
@@ -483,7 +490,7 @@ class Scheduler:
         self._work = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
         self._threads_lock = threading.Lock()
-        self._exited = threading.Condition(self._threads_lock)
+        self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self._closing = CLOSED_FORK
         self._nthreads = self._idle = self._wakeups = self._blocked = 0
         self._threads = []

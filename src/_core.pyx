@@ -236,7 +236,7 @@ cdef class Scheduler:
         self.nbytes = sizeof(KeyState *) << self.bits
         self._threads = []
         self._threads_lock = threading.Lock()
-        self._exited = threading.Condition(self._threads_lock)
+        self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
                  str name="keyedexec", on_error=None):
@@ -551,12 +551,15 @@ cdef class Scheduler:
 
     cdef int _spawn(self) except -1:
         """Start the worker thread reserved (nthreads += 1) under the mutex."""
+        cdef int n
+        # Nothing is allocated under _threads_lock: an allocation may run the GC,
+        # and a finalizer that submits may need to spawn a worker too.
+        t = threading.Thread(target=self._worker_main)
         with self._threads_lock:
             self._spawned += 1
-            t = threading.Thread(target=self._worker_main,
-                                 name=f"{self.name}-worker-{self._spawned}")
-            self._threads = [x for x in self._threads if x.is_alive()]
+            n = self._spawned
             self._threads.append(t)
+        t.name = f"{self.name}-worker-{n}"
         try:
             t.start()
         except BaseException:
@@ -570,6 +573,13 @@ cdef class Scheduler:
         return 0
 
     cdef void _notify_exited(self) noexcept:
+        """A worker exits (or failed to start): forget the threads that have
+        exited, so the list stays as long as the pool, and wake join()."""
+        cdef Py_ssize_t i
+        exited = [t for t in self._threads[:] if t.ident is not None and not t.is_alive()]
+        with self._threads_lock:   # no allocation in here: see _spawn
+            for i in range(len(exited)):
+                self._threads.remove(exited[i])
         with self._exited:
             self._exited.notify_all()
 
@@ -975,7 +985,7 @@ cdef class Scheduler:
         self.work_cv = ke_cond_new()
         self.space_cv = ke_cond_new()
         self._threads_lock = threading.Lock()
-        self._exited = threading.Condition(self._threads_lock)
+        self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self.closing = CLOSED_FORK
         self.nthreads = 0
         self.idle = 0

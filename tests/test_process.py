@@ -288,6 +288,41 @@ def test_gc_finalizer_inside_critical_section(impl: Any, request: pytest.Fixture
     assert _ok(proc) == ["ok"]
 
 
+@pytest.mark.timeout(60)
+def test_gc_finalizer_while_a_worker_is_spawned(impl: Any) -> None:
+    """A collection while the scheduler starts a worker thread (creating the
+    Thread object allocates), whose finalizer submits work that needs another
+    new worker: no deadlock on the scheduler's thread bookkeeping."""
+    proc = _run(impl, """
+        import faulthandler, gc, threading
+        from keyedexec import KeyedExecutor
+
+        faulthandler.dump_traceback_later(10, exit=True)  # a deadlock: traceback, exit 1
+        gate = threading.Event()
+        ex = KeyedExecutor(4)
+
+        class CollectingThread(threading.Thread):
+            def __init__(self, *args, **kwargs):
+                gc.collect()  # the worst case: a collection on every spawn
+                super().__init__(*args, **kwargs)
+
+        class Cycle:
+            def __init__(self):
+                self.me = self
+
+            def __del__(self):
+                ex.execute("from-del", gate.wait, 10)  # all workers busy: spawns one
+
+        threading.Thread = CollectingThread
+        Cycle()
+        ex.execute("k", gate.wait, 10)
+        gate.set()
+        ex.shutdown()
+        say(ex.metrics().completed, len(threading.enumerate()))
+    """)
+    assert _ok(proc) == ["2 1"]
+
+
 # -- 5. fork -----------------------------------------------------------------------------
 
 
