@@ -7,15 +7,18 @@ tasks per second that is most of the cost, so this subclass:
 * creates its condition, waiter list and callback list on first use only
   (:class:`_Lazy`), and keeps PENDING/None defaults on the class, so a new
   future is an empty object;
-* lets the worker claim and complete it without the condition. The state lives
-  in the instance ``__dict__``; PENDING is "no ``_state`` key yet". The worker
-  claims with ``__dict__.setdefault("_state", RUNNING)`` and ``cancel()`` with
-  ``setdefault("_state", CANCELLED)``: whoever writes first wins, atomically
-  (one dict operation, under the GIL or the dict's own lock when free-threaded).
-* completes by writing the outcome and then ``_state = FINISHED``, and only then
-  looks for a condition. Anyone who waits creates the condition *before* reading
-  the state, so either the worker sees the condition and notifies, or the waiter
-  sees FINISHED: no lost wake-up.
+* lets the worker claim and complete it without the condition. PENDING is "no
+  ``_state`` attribute yet" (the class default). The worker claims with an
+  atomic PENDING -> RUNNING and ``cancel()`` with PENDING -> CANCELLED
+  (``_set_state_if_pending``): whoever writes first wins. The native core does
+  it in C, where nothing runs between the read and the write under the GIL (a
+  single dict operation when free-threaded); without the core, one
+  ``__dict__.setdefault``.
+* completes by writing the outcome and then ``_state = FINISHED`` under a seal
+  lock (``_seal``), unless someone watches. Anyone who waits creates the
+  condition, and flags the future as watched, under the same seal: either the
+  worker sees the flag and notifies under the condition, or the waiter sees
+  FINISHED: no lost wake-up.
 
 Every stdlib operation still works (``wait``, ``as_completed``,
 ``asyncio.wrap_future``, callbacks), because they all go through ``_condition``,
@@ -122,18 +125,17 @@ class KeyedFuture(Future[T]):
     _waiters: _Lazy[list[Any]] = _Lazy(list)
     _done_callbacks: _Lazy[list[Callable[[Future[Any]], object]]] = _Lazy(list)
 
-    # Skip Future.__init__: everything it builds is lazy here.
-    if sys.version_info >= (3, 11):
-        __init__ = object.__init__
-    else:
-
-        def __init__(self) -> None:
-            # Before 3.11 the instance dict is created by the first attribute
-            # write, and creating it can run the GC, hence other threads, before
-            # it is stored: a racing first write from the worker would create a
-            # second dict and one thread's writes would be lost. Create it here,
-            # before any other thread can see the future.
-            self.__dict__  # noqa: B018
+    # Future.__init__ is skipped: everything it builds is lazy here. This one
+    # creates the instance dict up front, which the dict-based state change
+    # (_set_state_if_pending) needs: creating the dict later, from a thread
+    # racing a worker's attribute writes, can run the GC half-way (and so other
+    # threads), and leave a dict that misses or miscounts the other thread's
+    # writes. With the native core's state change no dict is ever needed, and
+    # keyedexec._core swaps this for object.__init__ on 3.11+ (attributes
+    # inline); before 3.11 a first attribute write creates the dict lazily with
+    # the same race, so it stays.
+    def __init__(self) -> None:
+        self.__dict__  # noqa: B018
 
     # -- lock-free reads: a single attribute read is atomic ---------------------
 
@@ -166,18 +168,17 @@ class KeyedFuture(Future[T]):
 
     def cancel(self) -> bool:
         with self._condition:
-            state = self.__dict__.get("_state", PENDING)
-            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
             # Atomic against the worker's claim (see the module docstring).
-            if self.__dict__.setdefault("_state", CANCELLED) != CANCELLED:
+            if _set_state_if_pending(self, CANCELLED) != CANCELLED:
                 return False
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
-        state = self.__dict__.setdefault("_state", RUNNING)
+        state = _set_state_if_pending(self, RUNNING)
         if state == RUNNING:
             return True
         if state == CANCELLED:
@@ -190,17 +191,16 @@ class KeyedFuture(Future[T]):
 
     def _set_outcome(self, result: Any, exception: BaseException | None) -> None:
         """Complete a claimed (RUNNING) future: the worker's fast path."""
-        d = self.__dict__
         if exception is None:
-            d["_result"] = result
+            self._result = result
         else:
-            d["_exception"] = exception
+            self._exception = exception
         with _seal(self):
-            if "_condition" not in d:
+            if not self._watched:
                 # Nobody watches, and nobody can start before this write: no
                 # waiter has seen the future unfinished. (_state exists since
                 # the claim, so this replaces a value and allocates nothing.)
-                d["_state"] = FINISHED
+                self._state = FINISHED
                 return
         self._finish_watched()
 
@@ -231,6 +231,25 @@ class KeyedFuture(Future[T]):
             except RuntimeError:
                 pass  # already notified
 
+
+
+def _set_state_if_pending_by_dict(fut: KeyedFuture[Any], state: str) -> str:
+    """PENDING -> ``state``, atomically against any other thread; returns the
+    state after the call (``state`` if it was set). One dict operation, atomic
+    under the GIL or, free-threaded, the dict's own lock. The native core
+    installs an equivalent that needs no instance dict on GIL builds."""
+    return fut.__dict__.setdefault("_state", state)  # type: ignore[no-any-return]
+
+
+_set_state_if_pending: Callable[[KeyedFuture[Any], str], str] = _set_state_if_pending_by_dict
+
+
+def _use_native_state_change(set_state_if_pending: Callable[[KeyedFuture[Any], str], str]) -> None:
+    """Called by keyedexec._core when it is imported (see KeyedFuture.__init__)."""
+    global _set_state_if_pending
+    _set_state_if_pending = set_state_if_pending
+    if sys.version_info >= (3, 11):
+        KeyedFuture.__init__ = object.__init__  # type: ignore[assignment]
 
 
 def _teach_instance_attributes() -> None:

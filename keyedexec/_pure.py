@@ -197,7 +197,8 @@ class Scheduler:
         exited = [t for t in self._threads[:] if t.ident is not None and not t.is_alive()]
         with self._threads_lock:  # no allocation in here: see _spawn
             for i in range(len(exited)):
-                self._threads.remove(exited[i])
+                if exited[i] in self._threads:  # another exiting worker may have been first
+                    self._threads.remove(exited[i])
         with self._exited:
             self._exited.notify_all()
 
@@ -411,9 +412,16 @@ class Scheduler:
                 ks.tasks.clear()  # an emptied key stays ready; a worker frees it
             self._pending -= len(dropped)
             self._cancelled += len(dropped)
+        first_error = None  # one failure (a Ctrl-C) must not leave the rest pending
         for task in dropped:
             if task[3] is not None:
-                task[3]._cancel_queued()
+                try:
+                    task[3]._cancel_queued()
+                except BaseException as exc:
+                    if first_error is None:
+                        first_error = exc
+        if first_error is not None:
+            raise first_error
         return len(dropped)
 
     def _live_workers(self) -> int:

@@ -32,7 +32,7 @@ from libc.string cimport memset
 
 import threading
 
-from keyedexec import _lifecycle
+from keyedexec import _future, _lifecycle
 from keyedexec._future import _SEALS, KeyedFuture
 from keyedexec._report import report_failure
 from keyedexec.context import Context
@@ -230,9 +230,10 @@ cdef class Scheduler:
         self.space_cv = ke_cond_new()
         self.bits = MIN_TABLE_BITS
         self.slots = <KeyState **>_block_alloc(sizeof(KeyState *) << self.bits)
+        if self.slots is not NULL:   # zeroed first: __dealloc__ walks it even if we fail here
+            memset(self.slots, 0, sizeof(KeyState *) << self.bits)
         if self.mu is NULL or self.work_cv is NULL or self.space_cv is NULL or self.slots is NULL:
             raise MemoryError()
-        memset(self.slots, 0, sizeof(KeyState *) << self.bits)
         self.nbytes = sizeof(KeyState *) << self.bits
         self._threads = []
         self._threads_lock = threading.Lock()
@@ -579,7 +580,8 @@ cdef class Scheduler:
         exited = [t for t in self._threads[:] if t.ident is not None and not t.is_alive()]
         with self._threads_lock:   # no allocation in here: see _spawn
             for i in range(len(exited)):
-                self._threads.remove(exited[i])
+                if exited[i] in self._threads:   # another exiting worker may have been first
+                    self._threads.remove(exited[i])
         with self._exited:
             self._exited.notify_all()
 
@@ -844,14 +846,21 @@ cdef class Scheduler:
         except BaseException:
             _block_free(dropped, sizeof(Task) * cap)
             raise
+        first_error = None   # one failure (a Ctrl-C) must not leave the rest pending
         try:
             for i in range(n):
                 if dropped[i].fut is not NULL:
-                    (<object>dropped[i].fut)._cancel_queued()
+                    try:
+                        (<object>dropped[i].fut)._cancel_queued()
+                    except BaseException as exc:
+                        if first_error is None:
+                            first_error = exc
         finally:
             for i in range(n):
                 _release_task(&dropped[i])
             _block_free(dropped, sizeof(Task) * cap)
+        if first_error is not None:
+            raise first_error
         return n
 
     cdef int _live_workers(self):
@@ -1018,6 +1027,22 @@ cdef inline bint _claim(object fut) except -1:
         return False
     fut._state = _RUNNING
     return True
+
+
+def _set_state_if_pending(fut, state):
+    """KeyedFuture's PENDING -> ``state`` (cancel, set_running_or_notify_cancel),
+    atomic in the same way as _claim; returns the state after the call. With a
+    GIL it needs no instance dict, so futures keep their attributes inline."""
+    if KE_FREE_THREADED:
+        return <object>PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state", state)
+    current = fut._state
+    if current is not _PENDING:
+        return current
+    fut._state = state
+    return state
+
+
+_future._use_native_state_change(_set_state_if_pending)
 
 
 cdef inline void _complete(object fut, object result, object exc) noexcept:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import os
 import subprocess
 import sys
@@ -263,9 +264,49 @@ def test_futures_stay_dict_free_after_a_burst(impl: Any) -> None:
     names to a class's shared attribute table after a few dozen instances; a
     name first set later costs every future a dict: twice the GC work.)"""
     if impl.name != "native":
-        pytest.skip("the pure-Python scheduler completes through __dict__ by design")
+        pytest.skip("runs the native core in the child (without it futures carry a dict by design)")
     env = {k: v for k, v in os.environ.items() if k != "KEYEDEXEC_PURE_PYTHON"}
     proc = subprocess.run([sys.executable, "-c", _BURST], env=env, capture_output=True,
                           text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     assert proc.stdout.split() == ["0"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11) or bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+                    reason="inline instance attributes: CPython 3.11+ with a GIL")
+def test_state_changes_need_no_instance_dict(ex: Any, gate: threading.Event) -> None:
+    """With the native core installed, cancel(), the worker's claim and both
+    schedulers' completion never create a future's instance dict: creating one
+    while a worker writes the same future's attributes is a race (the GC may run
+    half-way through and switch threads)."""
+    if not _future._set_state_if_pending.__module__.startswith("keyedexec._core"):
+        pytest.skip("without the compiled core the dict-based state change is used")
+
+    def has_dict(f: Any) -> bool:
+        return any(type(r) is dict for r in gc.get_referents(f))
+
+    block(ex, "k", gate)
+    cancelled = ex.submit("k", int)
+    queued = ex.submit("k", int, 7)
+    assert cancelled.cancel() and not has_dict(cancelled)
+    gate.set()
+    assert queued.result(T) == 7
+    failed = ex.submit("k", boom)
+    assert isinstance(failed.exception(T), Boom)
+    assert not any(has_dict(f) for f in (cancelled, queued, failed))
+
+
+def test_cancel_key_cancels_every_future_even_if_one_fails(ex: Any, gate: threading.Event) -> None:
+    """If notifying one cancelled future raises (a Ctrl-C, say), the others are
+    still cancelled, and the first error is raised after them."""
+    block(ex, "k", gate)
+    futures = [ex.submit("k", int, i) for i in range(5)]
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    futures[1]._cancel_queued = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        ex.cancel_key("k")
+    assert [f.cancelled() for f in futures] == [True, False, True, True, True]
+    assert ex.metrics().pending == 0
