@@ -249,7 +249,7 @@ def _use_native_state_change(set_state_if_pending: Callable[[KeyedFuture[Any], s
     global _set_state_if_pending
     _set_state_if_pending = set_state_if_pending
     if sys.version_info >= (3, 11):
-        KeyedFuture.__init__ = object.__init__  # type: ignore[assignment]
+        KeyedFuture.__init__ = object.__init__  # type: ignore[method-assign]
 
 
 def _teach_instance_attributes() -> None:

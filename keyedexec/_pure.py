@@ -5,6 +5,12 @@ docstring for the design); used where the extension is unavailable, under
 ``KEYEDEXEC_PURE_PYTHON=1``, as the model in the property tests and as a
 benchmark baseline. A dict maps each key with work to its deque of tasks; a
 deque of ready keys feeds the workers. One lock guards both.
+
+Finalizers: a ``__del__`` or weakref callback may run on a thread that is inside
+the scheduler's critical section (the GC runs at an allocation; without the GIL
+at almost any bytecode). If it submits, it cannot take the lock, and must not
+change the state half-way through another operation: its task is deferred
+(``_deferred``) and queued by the same thread as soon as it releases the lock.
 """
 
 from __future__ import annotations
@@ -86,9 +92,12 @@ class Scheduler:
         self._batch = batch
         self.name = name
         self._on_error = on_error
-        self._lock = threading.Lock()
+        # Reentrant only so that _is_owned() can tell a finalizer running inside
+        # the critical section (module docstring); nothing else re-enters.
+        self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # idle workers
         self._space = threading.Condition(self._lock)  # submitters on a full key
+        self._deferred: deque[tuple[Any, Task]] = deque()
         self._keys: dict[Any, _KeyState] = {}
         self._ready: deque[_KeyState] = deque()
         self._nthreads = self._idle = self._wakeups = self._blocked = 0
@@ -113,54 +122,79 @@ class Scheduler:
         kind: int,
         block: bool,
         timeout: float | None,
+        late: bool = False,
     ) -> bool:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        try:
-            hash(key)
-        except TypeError as exc:
-            raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        """Queue a task; False if the key is full and ``block`` is off or timed out.
+
+        ``late``: a deferred task (module docstring), accepted already: it
+        ignores queue_size, and once the scheduler has closed it still runs
+        while workers drain, or is cancelled after a fork.
+        """
+        if not late:
+            if not callable(fn):
+                raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+            try:
+                hash(key)
+            except TypeError as exc:
+                raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        # What the critical section needs is allocated before it: fewer
+        # allocations under the lock, fewer collections (and finalizers) there.
+        task: Task = (fn, args, kwargs, fut, kind)
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            # A finalizer, on a thread inside the critical section: defer.
+            if self._closing:
+                raise RuntimeError(_CLOSED_MESSAGES[self._closing])
+            self._deferred.append((key, task))
+            return True
         deadline = None if timeout is None else monotonic() + timeout
         spawn = False
-        # What the critical section needs is allocated before it: an allocation
-        # under the lock may run the GC, whose finalizers may submit (deadlock).
-        task: Task = (fn, args, kwargs, fut, kind)
         fresh = _KeyState(key)
         refused = 0
-        with self._lock:
-            while True:
-                if self._closing:
-                    refused = self._closing
-                    break
-                ks = self._keys.get(key)
-                if ks is None:
-                    ks = self._keys[key] = fresh
-                elif self._queue_size and len(ks.tasks) >= self._queue_size:
-                    remaining = None if deadline is None else deadline - monotonic()
-                    if not block or (remaining is not None and remaining <= 0):
-                        return False
-                    if ks.runner == _get_ident():
-                        refused = -1
+        try:
+            with self._lock:
+                while True:
+                    if self._closing and not (late and self._closing != CLOSED_FORK):
+                        refused = self._closing
                         break
-                    self._blocked += 1
-                    try:
-                        self._space.wait(remaining)
-                    finally:
-                        self._blocked -= 1
-                    continue
-                ks.tasks.append(task)
-                self._pending += 1
-                self._submitted += 1
-                if not ks.ready and not ks.runner:
-                    ks.ready = True
-                    self._ready.append(ks)
-                    if self._idle > self._wakeups:
-                        self._wakeups += 1
-                        self._work.notify()
-                    elif self._nthreads < self._max_workers:
-                        self._nthreads += 1
-                        spawn = True
-                break
+                    ks = self._keys.get(key)
+                    if ks is None:
+                        ks = self._keys[key] = fresh
+                    elif self._queue_size and len(ks.tasks) >= self._queue_size and not late:
+                        remaining = None if deadline is None else deadline - monotonic()
+                        if not block or (remaining is not None and remaining <= 0):
+                            return False
+                        if ks.runner == _get_ident():
+                            refused = -1
+                            break
+                        self._blocked += 1
+                        try:
+                            self._space.wait(remaining)
+                        finally:
+                            self._blocked -= 1
+                        continue
+                    ks.tasks.append(task)
+                    self._pending += 1
+                    self._submitted += 1
+                    if not ks.ready and not ks.runner:
+                        ks.ready = True
+                        self._ready.append(ks)
+                        if self._idle > self._wakeups:
+                            self._wakeups += 1
+                            self._work.notify()
+                        elif self._nthreads < self._max_workers:
+                            self._nthreads += 1
+                            spawn = True
+                    break
+                if refused and late:  # accepted, then the scheduler was forked away
+                    self._submitted += 1
+                    self._cancelled += 1
+        finally:
+            if self._deferred:
+                self._after_unlock()
+        if refused and late:
+            if fut is not None:
+                fut._cancel_queued()
+            return True
         if refused > 0:
             raise RuntimeError(_CLOSED_MESSAGES[refused])
         if refused < 0:
@@ -171,6 +205,20 @@ class Scheduler:
         if spawn:
             self._spawn()
         return True
+
+    def _after_unlock(self) -> None:
+        """After each release of the lock: queue what finalizers deferred."""
+        if self._deferred and not self._lock._is_owned():  # type: ignore[attr-defined]
+            self._drain_deferred()
+
+    def _drain_deferred(self) -> None:
+        deferred = self._deferred
+        while deferred:
+            try:
+                key, (fn, args, kwargs, fut, kind) = deferred.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
 
     def _spawn(self) -> None:
         # Nothing is allocated under _threads_lock: an allocation may run the GC,
@@ -188,6 +236,7 @@ class Scheduler:
                 self._threads.remove(t)
             with self._lock:
                 self._nthreads -= 1
+            self._after_unlock()
             self._notify_exited()
             raise
 
@@ -280,6 +329,8 @@ class Scheduler:
                         if self._blocked:
                             self._space.notify_all()
                         lock.release()
+                        if self._deferred:
+                            self._after_unlock()
                         dead = None  # released outside the lock: __del__ may submit
                         status = self._run(ks.key, task)
                         del task
@@ -289,6 +340,7 @@ class Scheduler:
                         # Release the previous dead key first, outside the lock.
                         lock.release()
                         dead = None
+                        self._after_unlock()
                         lock.acquire()
                         continue
                     ks.runner = 0
@@ -310,6 +362,7 @@ class Scheduler:
                 if dead is not None:
                     lock.release()
                     dead = None
+                    self._after_unlock()
                     lock.acquire()
                     continue
                 self._idle += 1
@@ -322,6 +375,7 @@ class Scheduler:
             self._nthreads -= 1
         finally:
             lock.release()
+            self._after_unlock()
         del dead
         self._notify_exited()
 
@@ -377,14 +431,17 @@ class Scheduler:
 
     def _close(self, reason: int) -> None:
         spawn = False
-        with self._lock:
-            if not self._closing:
-                self._closing = reason
-            if self._pending and self._nthreads == 0 and reason != CLOSED_FORK:
-                self._nthreads += 1
-                spawn = True
-            self._work.notify_all()
-            self._space.notify_all()
+        try:
+            with self._lock:
+                if not self._closing:
+                    self._closing = reason
+                if self._pending and self._nthreads == 0 and reason != CLOSED_FORK:
+                    self._nthreads += 1
+                    spawn = True
+                self._work.notify_all()
+                self._space.notify_all()
+        finally:
+            self._after_unlock()
         if spawn:
             self._spawn()
 
@@ -401,17 +458,20 @@ class Scheduler:
         Their futures are cancelled (and waiters notified). Returns how many.
         """
         dropped: list[Task] = []
-        with self._lock:
-            if key is _ALL:
-                states = list(self._keys.values())
-            else:
-                ks = self._keys.get(key)
-                states = [] if ks is None else [ks]
-            for ks in states:
-                dropped.extend(ks.tasks)
-                ks.tasks.clear()  # an emptied key stays ready; a worker frees it
-            self._pending -= len(dropped)
-            self._cancelled += len(dropped)
+        try:
+            with self._lock:
+                if key is _ALL:
+                    states = list(self._keys.values())
+                else:
+                    ks = self._keys.get(key)
+                    states = [] if ks is None else [ks]
+                for ks in states:
+                    dropped.extend(ks.tasks)
+                    ks.tasks.clear()  # an emptied key stays ready; a worker frees it
+                self._pending -= len(dropped)
+                self._cancelled += len(dropped)
+        finally:
+            self._after_unlock()
         first_error = None  # one failure (a Ctrl-C) must not leave the rest pending
         for task in dropped:
             if task[3] is not None:
@@ -425,8 +485,7 @@ class Scheduler:
         return len(dropped)
 
     def _live_workers(self) -> int:
-        with self._lock:
-            return self._nthreads
+        return self._nthreads  # one attribute read: atomic
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the workers have exited (after close). True if they did."""
@@ -454,28 +513,40 @@ class Scheduler:
 
     def metrics(self) -> tuple[int, int, int, int, int, int, int, int]:
         """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
-        with self._lock:  # the tuple is built after unlocking (see _push)
-            nthreads, running, pending = self._nthreads, self._running, self._pending
-            nkeys, submitted, completed = len(self._keys), self._submitted, self._completed
-            failed, cancelled = self._failed, self._cancelled
+        try:
+            with self._lock:  # the tuple is built after unlocking (see _push)
+                nthreads, running, pending = self._nthreads, self._running, self._pending
+                nkeys, submitted, completed = len(self._keys), self._submitted, self._completed
+                failed, cancelled = self._failed, self._cancelled
+        finally:
+            self._after_unlock()
         return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
     def key_pending(self, key: Any) -> int:
         """Queued (not running) tasks of ``key``."""
-        with self._lock:
-            ks = self._keys.get(key)
-            return 0 if ks is None else len(ks.tasks)
+        try:
+            with self._lock:
+                ks = self._keys.get(key)
+                return 0 if ks is None else len(ks.tasks)
+        finally:
+            self._after_unlock()
 
     def key_active(self, key: Any) -> bool:
         """True if ``key`` has queued or running tasks."""
-        with self._lock:
-            return key in self._keys
+        try:
+            with self._lock:
+                return key in self._keys
+        finally:
+            self._after_unlock()
 
     def serving(self, key: Any) -> bool:
         """True if the calling thread is a worker running a task of ``key``."""
-        with self._lock:
-            ks = self._keys.get(key)
-            return ks is not None and ks.runner == _get_ident()
+        try:
+            with self._lock:
+                ks = self._keys.get(key)
+                return ks is not None and ks.runner == _get_ident()
+        finally:
+            self._after_unlock()
 
     @property
     def closed(self) -> bool:
@@ -492,9 +563,10 @@ class Scheduler:
 
     def _after_fork_parent(self) -> None:
         self._lock.release()
+        self._after_unlock()
 
     def _after_fork_child(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
         self._threads_lock = threading.Lock()

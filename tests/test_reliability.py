@@ -327,11 +327,6 @@ def test_finalizers_that_submit_do_not_deadlock(impl: Any) -> None:
     executor, released on every path (run, failed, cancelled future, cancel_key,
     cancelled context, shutdown(cancel_futures=True)): no deadlock, and each
     follow-up is either run or refused after shutdown."""
-    if impl.name == "pure" and FREE_THREADED:
-        # Without the GIL any bytecode boundary may run a finalizer (biased
-        # refcount merges), also inside the pure scheduler's critical section:
-        # a deadlock, see test_process.py::test_gc_finalizer_inside_critical_section.
-        pytest.skip("BUG: pure scheduler deadlocks on submitting finalizers without the GIL")
     out: list[str] = []
     gate = threading.Event()
     ctx, cancel = background().with_cancel()
