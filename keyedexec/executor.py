@@ -380,7 +380,9 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
     def __init__(self, executor: KeyedExecutor[K], key: K) -> None:
         self._executor = executor
         self._key = key
-        self._lock = threading.Lock()
+        # Reentrant: submit allocates under it, so the GC may run a finalizer
+        # there, and that finalizer may submit through this very view.
+        self._lock = threading.RLock()
         self._closed = False
         self._futures: weakref.WeakSet[KeyedFuture[Any]] = weakref.WeakSet()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextvars
+import gc
 import threading
 from typing import Any
 
@@ -106,6 +107,38 @@ def test_view_shutdown_cancel_futures_cancels_its_queued_tasks(h: Any) -> None:
     view.shutdown(wait=True)  # again: waits for the running one
     assert running.done() and running.result() == "blocker"
     assert direct.result(T) == "not through the view"
+
+
+def test_finalizer_submitting_through_a_view_inside_its_submit(h: Any) -> None:
+    """A collection inside view.submit (it allocates under the view's lock) runs
+    a finalizer that submits through the same view: no deadlock, both run."""
+    ex = h.executor(2)
+    view = ex.for_key("k")
+    ran: list[str] = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            view.submit(ran.append, "from-del")
+
+    threshold = gc.get_threshold()
+    try:
+        for t in range(1, 31):  # some collection lands under the lock
+            gc.collect()
+            gc.disable()
+            Cycle()
+            gc.set_threshold(t)
+            gc.enable()
+            view.submit(ran.append, "task").result(T)
+            gc.set_threshold(*threshold)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable()
+    gc.collect()
+    view.shutdown(wait=True)
+    assert ran.count("task") == 30 and ran.count("from-del") == 30
 
 
 def test_view_map_and_unhashable_key(h: Any) -> None:
