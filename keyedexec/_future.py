@@ -232,7 +232,6 @@ class KeyedFuture(Future[T]):
                 pass  # already notified
 
 
-
 def _set_state_if_pending_by_dict(fut: KeyedFuture[Any], state: str) -> str:
     """PENDING -> ``state``, atomically against any other thread; returns the
     state after the call (``state`` if it was set). One dict operation, atomic

@@ -1013,26 +1013,16 @@ cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:
     return n
 
 
-cdef inline bint _claim(object fut) except -1:
-    """KeyedFuture: PENDING -> RUNNING, unless cancel() got there first.
+cpdef object _set_state_if_pending(object fut, object state):
+    """KeyedFuture: PENDING -> ``state``, unless another thread changed the
+    state first; returns the state after the call. The worker's claim (RUNNING)
+    and cancel() (CANCELLED) race through it: see keyedexec/_future.py.
 
-    See keyedexec/_future.py. With a GIL, reading and writing the attribute
-    runs no Python code in between (it is a plain class-level default), so the
-    pair is atomic against cancel(); without one, only a single dict operation is.
+    With a GIL, reading and writing the attribute runs no Python code in
+    between (it is a plain class-level default, or an existing inline value),
+    so the pair is atomic and needs no instance dict; without a GIL, only a
+    single dict operation is.
     """
-    if KE_FREE_THREADED:
-        return PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state",
-                                 _RUNNING) is <PyObject *>_RUNNING
-    if fut._state is not _PENDING:
-        return False
-    fut._state = _RUNNING
-    return True
-
-
-def _set_state_if_pending(fut, state):
-    """KeyedFuture's PENDING -> ``state`` (cancel, set_running_or_notify_cancel),
-    atomic in the same way as _claim; returns the state after the call. With a
-    GIL it needs no instance dict, so futures keep their attributes inline."""
     if KE_FREE_THREADED:
         return <object>PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state", state)
     current = fut._state
@@ -1040,6 +1030,11 @@ def _set_state_if_pending(fut, state):
         return current
     fut._state = state
     return state
+
+
+cdef inline bint _claim(object fut) except -1:
+    """PENDING -> RUNNING, unless cancel() got there first."""
+    return _set_state_if_pending(fut, _RUNNING) is _RUNNING
 
 
 _future._use_native_state_change(_set_state_if_pending)
