@@ -317,6 +317,14 @@ def test_gc_finalizer_while_a_worker_is_spawned(impl: Any) -> None:
 # -- 5. fork -----------------------------------------------------------------------------
 
 
+def _fork() -> int:
+    """os.fork(), silencing 3.12+'s DeprecationWarning "This process is
+    multi-threaded, use of fork() may lead to deadlocks" (what these tests check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
 def _reap(pid: int, timeout: float) -> int:
     """Wait for a forked child with a deadline; kill it and fail on timeout."""
     end = time.monotonic() + timeout
@@ -378,10 +386,7 @@ def test_fork_while_busy(impl: Any) -> None:
         blocker = ex.submit("blocked", gate.wait, 30)
         for _ in range(max(5, int(50 * STRESS))):
             queued = ex.submit("blocked", abs, -1)
-            with warnings.catch_warnings():
-                # 3.12+: "This process is multi-threaded, use of fork() may lead to deadlocks".
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
+            pid = _fork()
             if pid == 0:
                 code = 1
                 try:
@@ -412,9 +417,7 @@ def test_fork_with_blocked_pool_submitter(impl: Any) -> None:
         waiter = threading.Thread(target=pool.submit, args=("k", lambda ctx: ran.append(2)))
         waiter.start()
         time.sleep(0.05)  # let it block (the check below holds either way)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = _fork()
         if pid == 0:
             code = 1
             try:
