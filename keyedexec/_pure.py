@@ -10,7 +10,10 @@ Finalizers: a ``__del__`` or weakref callback may run on a thread that is inside
 the scheduler's critical section (the GC runs at an allocation; without the GIL
 at almost any bytecode). If it submits, it cannot take the lock, and must not
 change the state half-way through another operation: its task is deferred
-(``_deferred``) and queued by the same thread as soon as it releases the lock.
+(``_deferred``) and queued by the same thread as soon as it releases the lock;
+so is a close. Reads work; cancelling or waiting for the workers from there
+raises RuntimeError. The native core does the same where it runs Python code
+under its lock: a key's ``__eq__``.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class Scheduler:
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # idle workers
         self._space = threading.Condition(self._lock)  # submitters on a full key
-        self._deferred: deque[tuple[Any, Task]] = deque()
+        # Deferred submits (key, task) and closes (reason): module docstring.
+        self._deferred: deque[tuple[Any, Task] | int] = deque()
         self._keys: dict[Any, _KeyState] = {}
         self._ready: deque[_KeyState] = deque()
         self._nthreads = self._idle = self._wakeups = self._blocked = 0
@@ -215,10 +219,19 @@ class Scheduler:
         deferred = self._deferred
         while deferred:
             try:
-                key, (fn, args, kwargs, fut, kind) = deferred.popleft()
+                item = deferred.popleft()
             except IndexError:  # another thread took the last one
                 return
-            self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
+            if isinstance(item, int):
+                self._close(item)
+            else:
+                key, (fn, args, kwargs, fut, kind) = item
+                self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
+
+    def _refuse_reentry(self, what: str) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError(f"keyedexec: {what} from a finalizer or a key's __eq__ run "
+                               "while this thread holds the scheduler's lock")
 
     def _spawn(self) -> None:
         # Nothing is allocated under _threads_lock: an allocation may run the GC,
@@ -430,6 +443,9 @@ class Scheduler:
     # -- shutdown and introspection ---------------------------------------------------
 
     def _close(self, reason: int) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._deferred.append(reason)  # a finalizer inside the critical section
+            return
         spawn = False
         try:
             with self._lock:
@@ -457,6 +473,7 @@ class Scheduler:
 
         Their futures are cancelled (and waiters notified). Returns how many.
         """
+        self._refuse_reentry("cancelling queued tasks")
         dropped: list[Task] = []
         try:
             with self._lock:
@@ -485,6 +502,7 @@ class Scheduler:
         return len(dropped)
 
     def _live_workers(self) -> int:
+        self._refuse_reentry("waiting for the workers")
         return self._nthreads  # one attribute read: atomic
 
     def join(self, timeout: float | None = None) -> bool:

@@ -21,7 +21,9 @@ if more remain (fairness). A key's state is freed as soon as it has no queued
 task and no running one.
 """
 
+from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_CheckExact
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
@@ -31,6 +33,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memset
 
 import threading
+from collections import deque
 
 from keyedexec import _future, _lifecycle
 from keyedexec._future import _SEALS, KeyedFuture
@@ -58,6 +61,7 @@ cdef extern from "Python.h":
     void Py_INCREF_raw "Py_INCREF"(PyObject *o)
     void Py_DECREF_raw "Py_DECREF"(PyObject *o)
     void Py_XDECREF_raw "Py_XDECREF"(PyObject *o)
+    void *Py_TYPE_raw "Py_TYPE"(PyObject *o)
     int Py_EQ
 
 
@@ -214,6 +218,11 @@ cdef class Scheduler:
 
     cdef Py_ssize_t running, pending
     cdef unsigned long long submitted, completed, failed, cancelled
+    # The thread that runs a key's __eq__ with the mutex held (0: none). Python
+    # code can run there (a finalizer, at an allocation) and call back into the
+    # scheduler on the same thread: see _reentered.
+    cdef unsigned long eq_thread
+    cdef object _deferred       # submits (and closes) made there, queued after unlock
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
     cdef object on_error
@@ -238,6 +247,7 @@ cdef class Scheduler:
         self._threads = []
         self._threads_lock = threading.Lock()
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
+        self._deferred = deque()
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
                  str name="keyedexec", on_error=None):
@@ -285,10 +295,52 @@ cdef class Scheduler:
             if ks is NULL:
                 pos[0] = i
                 return NULL
-            if ks.hash == h and (ks.key is <PyObject *>key or
-                                 PyObject_RichCompareBool(ks.key, <PyObject *>key, Py_EQ)):
+            if ks.hash == h and (ks.key is <PyObject *>key or self._keys_equal(ks.key, key)):
                 return ks
             i = (i + 1) & mask
+
+    cdef int _keys_equal(self, PyObject *a, object b) except -1:
+        """``a == b`` for two keys, with the mutex held."""
+        cdef unsigned long prev
+        if Py_TYPE_raw(a) == Py_TYPE_raw(<PyObject *>b) and (
+                PyUnicode_CheckExact(b) or PyLong_CheckExact(b)):
+            return PyObject_RichCompareBool(a, <PyObject *>b, Py_EQ)  # runs no Python code
+        prev = self.eq_thread
+        self.eq_thread = PyThread_get_thread_ident()
+        try:
+            return PyObject_RichCompareBool(a, <PyObject *>b, Py_EQ)
+        finally:
+            self.eq_thread = prev
+
+    cdef inline bint _reentered(self) noexcept:
+        """True on the thread that holds the mutex while it runs a key's __eq__:
+        a finalizer run from there (or the __eq__ itself) calls back into the
+        scheduler. It cannot take the mutex (its own thread holds it) and must
+        not change the state half-way through the lookup, so submits and closes
+        are deferred (_drain_deferred), reads go without the lock, and waits or
+        cancels raise RuntimeError."""
+        return self.eq_thread != 0 and self.eq_thread == PyThread_get_thread_ident()
+
+    cdef int _refuse_reentry(self, str what) except -1:
+        if self._reentered():
+            raise RuntimeError(f"keyedexec: {what} from a finalizer or a key's __eq__ run "
+                               "while this thread holds the scheduler's lock")
+        return 0
+
+    cdef int _drain_deferred(self) except -1:
+        """Queue what was deferred while this thread held the mutex (it does not now)."""
+        cdef object item
+        while self._deferred:
+            try:
+                item = self._deferred.popleft()
+            except IndexError:   # another thread took the last one
+                break
+            if type(item) is int:
+                self._close(item)
+            else:
+                key, fn, args, kwargs, fut, kind = item
+                self._push(key, fn, args, kwargs, fut, kind, False, -1.0, True)
+        return 0
 
     cdef int _resize(self, int bits) except -1:
         cdef KeyState **old = self.slots
@@ -422,10 +474,13 @@ cdef class Scheduler:
     # -- submission -------------------------------------------------------------
 
     cdef int _push(self, object key, object fn, object args, object kwargs, object fut,
-                   int kind, bint block, double timeout) except -1:
+                   int kind, bint block, double timeout, bint late=False) except -1:
         """Queue one task. 1: queued; 0: the key is full and we may not wait.
 
-        On any error nothing is queued and no reference is kept.
+        On any error nothing is queued and no reference is kept. ``late``: a
+        deferred task (_reentered), accepted already: it ignores queue_size,
+        and once the scheduler has closed it still runs while workers drain,
+        or is cancelled after a fork.
         """
         cdef Py_hash_t h
         cdef size_t pos
@@ -441,19 +496,27 @@ cdef class Scheduler:
             h = PyObject_Hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        if self._reentered():
+            if self.closing:
+                raise RuntimeError(self._closed_message())
+            self._deferred.append((key, fn, args, kwargs, fut, kind))
+            return 1
         deadline = None
         while True:
             _acquire(self.mu)
             try:
-                if self.closing:
+                if self.closing and not (late and self.closing != CLOSED_FORK):
                     # Raised after unlocking: creating an exception may run the
                     # GC (3.10/3.11), whose finalizers may submit.
                     refused = 1
+                    if late:   # accepted, then the scheduler was forked away
+                        self.submitted += 1
+                        self.cancelled += 1
                     break
                 ks = self._find(key, h, &pos)
                 if ks is NULL:
                     ks = self._insert(key, h, pos)
-                elif self.queue_size and ks.count >= self.queue_size:
+                elif self.queue_size and ks.count >= self.queue_size and not late:
                     if not block or timed_out:
                         return 0
                     me = PyThread_get_thread_ident()
@@ -507,11 +570,17 @@ cdef class Scheduler:
                 raise
             finally:
                 ke_unlock(self.mu)
+                if self._deferred:
+                    self._drain_deferred()
             if ks is not NULL:
                 break
             PyErr_CheckSignals()
             if deadline is not None and _monotonic() >= deadline:
                 timed_out = True
+        if refused == 1 and late:
+            if fut is not None:
+                fut._cancel_queued()
+            return 1
         if refused == 1:
             raise RuntimeError(self._closed_message())
         if refused == 2:
@@ -784,6 +853,9 @@ cdef class Scheduler:
 
     cdef int _close(self, int reason) except -1:
         cdef bint spawn = False
+        if self._reentered():
+            self._deferred.append(reason)
+            return 0
         _acquire(self.mu)
         if not self.closing:
             self.closing = reason
@@ -816,6 +888,7 @@ cdef class Scheduler:
         cdef Task *dropped = NULL
         if key is not _ALL:
             h = PyObject_Hash(key)
+        self._refuse_reentry("cancelling queued tasks")
         try:
             while True:   # size the buffer outside the mutex, then drain under it
                 _acquire(self.mu)
@@ -838,6 +911,8 @@ cdef class Scheduler:
                         break
                 finally:
                     ke_unlock(self.mu)
+                    if self._deferred:   # made by a finalizer a key's __eq__ ran
+                        self._drain_deferred()
                 _block_free(dropped, sizeof(Task) * cap)
                 cap = need
                 dropped = <Task *>_block_alloc(sizeof(Task) * cap)
@@ -863,7 +938,8 @@ cdef class Scheduler:
             raise first_error
         return n
 
-    cdef int _live_workers(self):
+    cdef int _live_workers(self) except -1:
+        self._refuse_reentry("waiting for the workers")
         _acquire(self.mu)
         n = self.nthreads
         ke_unlock(self.mu)
@@ -899,17 +975,35 @@ cdef class Scheduler:
         if wait:
             self.join()
 
+    cdef bint _lock_unless_reentered(self) noexcept:
+        """For reads: take the mutex, unless this thread holds it already
+        (_reentered). Returns whether it was taken."""
+        if self._reentered():
+            return False
+        _acquire(self.mu)
+        return True
+
+    cdef int _unlock_if(self, bint lock) except -1:
+        if lock:
+            ke_unlock(self.mu)
+            if self._deferred:   # made by a finalizer a key's __eq__ ran
+                self._drain_deferred()
+        return 0
+
     def metrics(self):
         """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
         cdef int nthreads
         cdef Py_ssize_t running, pending
         cdef size_t nkeys
         cdef unsigned long long submitted, completed, failed, cancelled
-        _acquire(self.mu)
+        cdef bint lock = not self._reentered()
+        if lock:
+            _acquire(self.mu)
         nthreads, running, pending, nkeys = self.nthreads, self.running, self.pending, self.nkeys
         submitted, completed = self.submitted, self.completed
         failed, cancelled = self.failed, self.cancelled
-        ke_unlock(self.mu)
+        if lock:
+            ke_unlock(self.mu)
         # Built after unlocking: a tuple allocation may run the GC (3.10/3.11).
         return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
@@ -918,22 +1012,22 @@ cdef class Scheduler:
         cdef size_t pos
         cdef KeyState *ks
         cdef Py_hash_t h = PyObject_Hash(key)
-        _acquire(self.mu)
+        cdef bint lock = self._lock_unless_reentered()
         try:
             ks = self._find(key, h, &pos)
             return 0 if ks is NULL else ks.count
         finally:
-            ke_unlock(self.mu)
+            self._unlock_if(lock)
 
     def key_active(self, key):
         """True if ``key`` has queued or running tasks."""
         cdef size_t pos
         cdef Py_hash_t h = PyObject_Hash(key)
-        _acquire(self.mu)
+        cdef bint lock = self._lock_unless_reentered()
         try:
             return self._find(key, h, &pos) is not NULL
         finally:
-            ke_unlock(self.mu)
+            self._unlock_if(lock)
 
     def serving(self, key):
         """True if the calling thread is a worker running a task of ``key``."""
@@ -941,12 +1035,12 @@ cdef class Scheduler:
         cdef KeyState *ks
         cdef Py_hash_t h = PyObject_Hash(key)
         cdef unsigned long me = PyThread_get_thread_ident()
-        _acquire(self.mu)
+        cdef bint lock = self._lock_unless_reentered()
         try:
             ks = self._find(key, h, &pos)
             return ks is not NULL and ks.runner == me
         finally:
-            ke_unlock(self.mu)
+            self._unlock_if(lock)
 
     @property
     def closed(self):

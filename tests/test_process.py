@@ -280,6 +280,66 @@ def test_gc_finalizer_inside_critical_section(impl: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_gc_finalizer_inside_a_keys_eq(impl: Any) -> None:
+    """Keys whose Python __eq__ allocates: the scheduler calls it with its lock
+    held, so a collection there runs finalizers on the thread that holds the
+    lock. A finalizer's submit is accepted and runs, reads work, and cancelling
+    from there raises a clear RuntimeError: never a deadlock."""
+    proc = _run(impl, """
+        import faulthandler, gc, threading
+        from keyedexec import KeyedExecutor
+
+        faulthandler.dump_traceback_later(10, exit=True)  # a deadlock: traceback, exit 1
+        ex = KeyedExecutor(2)
+        accepted, ran, seen, refused = [], [], [], []
+
+        class Key:
+            def __init__(self, v):
+                self.v = v
+
+            def __hash__(self):
+                return 7  # every key collides: each lookup calls __eq__
+
+            def __eq__(self, other):
+                return isinstance(other, Key) and [self.v] == [other.v]  # allocates
+
+        class Cycle:
+            def __init__(self):
+                self.me = self
+
+            def __del__(self):
+                ex.execute("from-del", ran.append, 1)
+                accepted.append(1)
+                seen.append((ex.metrics().submitted, ex.pending("from-del")))
+                try:
+                    ex.cancel_key("none")
+                except RuntimeError as exc:
+                    refused.append(str(exc))
+
+        gate = threading.Event()
+        ex.execute(Key(0), gate.wait, 10)  # keeps Key(0) in the table
+        for threshold in range(1, 40):
+            gc.collect()
+            gc.disable()
+            Cycle()
+            gc.set_threshold(threshold)
+            gc.enable()
+            ex.execute(Key(threshold), abs, -1)
+            ex.pending(Key(threshold))
+            gc.set_threshold(700)
+        gate.set()
+        gc.collect()
+        ex.shutdown()
+        say(len(accepted) == len(ran) == len(seen) > 0, len(refused) > 0,
+            all("finalizer" in r for r in refused))
+    """)
+    # Free-threaded builds run a scheduled collection at the next eval-breaker
+    # check, which may fall after __eq__: the lock-held path is then not hit.
+    expected = ["True False True"] if FREE_THREADED else []
+    assert _ok(proc) in (["True True True"], expected)
+
+
+@pytest.mark.timeout(60)
 def test_gc_finalizer_while_a_worker_is_spawned(impl: Any) -> None:
     """A collection while the scheduler starts a worker thread (creating the
     Thread object allocates), whose finalizer submits work that needs another
