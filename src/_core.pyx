@@ -9,11 +9,18 @@ Rules that keep it deadlock-free and GIL-free:
 
 * A thread that holds the GIL never *blocks* on the mutex: ``_acquire`` tries,
   spins briefly, then drops the GIL to block (the holder may need the GIL).
-* No reference is released while the mutex is held: ``Py_DECREF`` can run
-  ``__del__``, which may submit. Dropped tasks and keys are released after
-  unlocking.
-* Python code runs under the mutex only inside a key's ``__eq__`` (hash
-  collisions with a non-identical key); such code must not use the scheduler.
+* No Python code runs while the mutex is held, so nothing can call back into
+  the scheduler from inside it (a finalizer, a signal handler, a key's own
+  ``__eq__``). In particular:
+  - no reference is released under the mutex (``Py_DECREF`` can run
+    ``__del__``): dropped tasks and keys are released after unlocking;
+  - nothing that may start the cyclic GC is allocated under it (only
+    PyMem/mapped blocks), and errors are raised after unlocking;
+  - keys are compared under it only when their equality is plain C
+    (``_plain``: str, int, tuples of them, ...). Any other key that meets a
+    different key of the same hash is compared with the mutex released, and
+    the answer counts only if no key of that hash came or went meanwhile
+    (``_locate``).
 
 Keys are not bound to workers: any idle worker takes the next ready key, runs
 at most ``batch`` of its tasks, and puts it back at the tail of the ready queue
@@ -29,11 +36,10 @@ from libc.stdint cimport uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
 # pymalloc arenas, which go back to the OS once a burst of keys has drained, and
 # tracemalloc sees them. Large blocks are mapped directly (_block_alloc).
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.string cimport memset
 
 import threading
-from collections import deque
 
 from keyedexec import _future, _lifecycle
 from keyedexec._future import _SEALS, KeyedFuture
@@ -56,6 +62,17 @@ cdef extern from "Python.h":
     object PyObject_GenericGetDict(object o, void *context)
     Py_hash_t PyObject_Hash(object o) except? -1
     int PyObject_RichCompareBool(PyObject *a, PyObject *b, int op) except -1
+    int PyObject_RichCompareBool_raw "PyObject_RichCompareBool"(PyObject *a, PyObject *b, int op)
+    void PyErr_Clear()
+    ctypedef struct PyTypeObject_rc "PyTypeObject":
+        void *tp_richcompare
+    PyTypeObject_rc PyBaseObject_Type
+    PyTypeObject_rc PyUnicode_Type
+    PyTypeObject_rc PyLong_Type
+    PyTypeObject_rc PyFloat_Type
+    PyTypeObject_rc PyBytes_Type
+    PyTypeObject_rc PyBool_Type
+    PyTypeObject_rc PyTuple_Type
     bint PyCallable_Check(object o)
     int PyErr_CheckSignals() except -1
     void Py_INCREF_raw "Py_INCREF"(PyObject *o)
@@ -141,6 +158,8 @@ cdef enum:
 
 DEF MIN_TABLE_BITS = 6
 DEF SPINS = 100
+DEF GEN_MASK = 63        # stripes of the key-table generation counters (_locate)
+DEF INLINE_CANDIDATES = 8
 
 
 ctypedef struct Task:
@@ -162,6 +181,7 @@ ctypedef struct KeyState:
     uint32_t cap
     uint32_t flags
     unsigned long runner    # thread ident of the worker serving it, or 0
+    PyObject *current       # the future of the task it runs (owned), or NULL: see fork
     KeyState *next          # ready-queue link
     Task slot0
 
@@ -169,6 +189,24 @@ ctypedef struct KeyState:
 cdef inline size_t _home(Py_hash_t h, int shift) noexcept nogil:
     # Fibonacci hashing: spreads Python's sequential int hashes over the table.
     return <size_t>((<uint64_t>h * <uint64_t>0x9E3779B97F4A7C15ULL) >> shift)
+
+
+cdef bint _plain(PyObject *o, int depth) noexcept:
+    """True if comparing ``o`` with another plain object runs no Python code:
+    exact str, int, bool, float, bytes, tuples of plain objects, and objects
+    whose type compares by identity (``object.__eq__``, e.g. None)."""
+    cdef PyTypeObject_rc *tp = <PyTypeObject_rc *>Py_TYPE_raw(o)
+    cdef Py_ssize_t i
+    if (tp == &PyUnicode_Type or tp == &PyLong_Type or tp == &PyFloat_Type
+            or tp == &PyBytes_Type or tp == &PyBool_Type
+            or tp.tp_richcompare == PyBaseObject_Type.tp_richcompare):
+        return True
+    if tp == &PyTuple_Type and depth < 4:
+        for i in range(PyTuple_GET_SIZE_raw(o)):
+            if not _plain(PyTuple_GET_ITEM_raw(o, i), depth + 1):
+                return False
+        return True
+    return False
 
 
 cdef inline void _acquire(ke_mutex *mu) noexcept:
@@ -218,11 +256,10 @@ cdef class Scheduler:
 
     cdef Py_ssize_t running, pending
     cdef unsigned long long submitted, completed, failed, cancelled
-    # The thread that runs a key's __eq__ with the mutex held (0: none). Python
-    # code can run there (a finalizer, at an allocation) and call back into the
-    # scheduler on the same thread: see _reentered.
-    cdef unsigned long eq_thread
-    cdef object _deferred       # submits (and closes) made there, queued after unlock
+    # Bumped (mutex held) whenever a key of hash h & GEN_MASK enters or leaves
+    # the table: _locate compares keys without the mutex and trusts its answer
+    # only if the stripe's count did not move meanwhile.
+    cdef uint32_t gens[GEN_MASK + 1]
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
     cdef object on_error
@@ -231,6 +268,7 @@ cdef class Scheduler:
     cdef object _threads_lock
     cdef object _exited         # Condition notified by each exiting worker
     cdef int _spawned
+    cdef int _joining           # worker threads whose task waits in join(); under _exited
     cdef object __weakref__
 
     def __cinit__(self):
@@ -247,7 +285,6 @@ cdef class Scheduler:
         self._threads = []
         self._threads_lock = threading.Lock()
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
-        self._deferred = deque()
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
                  str name="keyedexec", on_error=None):
@@ -285,71 +322,119 @@ cdef class Scheduler:
 
     # -- key table (mutex held) -----------------------------------------------
 
-    cdef KeyState *_find(self, object key, Py_hash_t h, size_t *pos) except? NULL:
-        """The key's state, or NULL with ``pos`` set to the free slot for it."""
+    cdef KeyState *_locate(self, object key, Py_hash_t h) except? NULL:
+        """``key``'s state, or NULL if it has none. Returns with the mutex HELD;
+        raises (an ``__eq__`` that raised, MemoryError) with it released.
+
+        No Python code runs under the mutex (module docstring): a different
+        key of the same hash is compared in place only if both are _plain;
+        otherwise its key is taken (a reference), the mutex released, the two
+        compared, and the mutex taken again. The answer is used if no key of
+        the hash's stripe entered or left the table meanwhile (gens); else the
+        lookup starts over. A key whose __eq__ uses the scheduler (or a
+        finalizer that runs there) is therefore just another caller.
+        """
+        cdef bint plain = _plain(<PyObject *>key, 0)
+        cdef PyObject *inline_keys[INLINE_CANDIDATES]
+        cdef KeyState *inline_states[INLINE_CANDIDATES]
+        cdef PyObject **keys = inline_keys
+        cdef KeyState **states = inline_states
+        cdef size_t cap = INLINE_CANDIDATES, n = 0, i
+        cdef Py_ssize_t match = -1
+        cdef uint32_t gen = 0
+        cdef bint decided = False
+        cdef KeyState *found
+        cdef void *grown
+        try:
+            while True:
+                _acquire(self.mu)
+                if decided:
+                    if self.gens[h & GEN_MASK] == gen:
+                        return states[match] if match >= 0 else NULL
+                    decided = False
+                n = self._scan(key, h, plain, keys, states, cap, &found)
+                if found is not NULL or n == 0:
+                    return found
+                if n > cap:   # more colliding keys than room: grow, outside the mutex
+                    ke_unlock(self.mu)
+                    if keys is inline_keys:
+                        keys = NULL
+                        states = NULL
+                    grown = PyMem_Realloc(keys, n * sizeof(PyObject *))
+                    if grown is NULL:
+                        raise MemoryError()
+                    keys = <PyObject **>grown
+                    grown = PyMem_Realloc(states, n * sizeof(KeyState *))
+                    if grown is NULL:
+                        raise MemoryError()
+                    states = <KeyState **>grown
+                    cap = n
+                    continue
+                for i in range(n):
+                    Py_INCREF_raw(keys[i])   # alive while compared, whatever the table does
+                gen = self.gens[h & GEN_MASK]
+                ke_unlock(self.mu)
+                match = -1
+                try:
+                    for i in range(n):
+                        # As a dict does: the stored key's __eq__ first.
+                        if PyObject_RichCompareBool(keys[i], <PyObject *>key, Py_EQ):
+                            match = <Py_ssize_t>i
+                            break
+                finally:
+                    for i in range(n):
+                        Py_DECREF_raw(keys[i])
+                decided = True
+        finally:
+            if keys is not inline_keys:
+                PyMem_Free(keys)
+            if states is not inline_states:
+                PyMem_Free(states)
+
+    cdef size_t _scan(self, object key, Py_hash_t h, bint plain, PyObject **keys,
+                      KeyState **states, size_t cap, KeyState **found) noexcept:
+        """(mutex held) One probe of the table for ``key``: sets ``found`` to
+        its state if the key is there by identity or by a plain comparison;
+        otherwise returns how many keys of the same hash need a Python
+        comparison, storing the first ``cap`` of them in keys/states."""
         cdef size_t mask = (<size_t>1 << self.bits) - 1
         cdef size_t i = _home(h, 64 - self.bits)
+        cdef size_t n = 0
         cdef KeyState *ks
+        cdef int eq
+        found[0] = NULL
         while True:
             ks = self.slots[i]
             if ks is NULL:
-                pos[0] = i
-                return NULL
-            if ks.hash == h and (ks.key is <PyObject *>key or self._keys_equal(ks.key, key)):
-                return ks
+                return n
+            if ks.hash == h:
+                if ks.key is <PyObject *>key:
+                    found[0] = ks
+                    return 0
+                eq = -1
+                if plain and _plain(ks.key, 0):
+                    eq = PyObject_RichCompareBool_raw(ks.key, <PyObject *>key, Py_EQ)
+                    if eq == 1:
+                        found[0] = ks
+                        return 0
+                    if eq < 0:   # cannot happen for plain objects; compare again unlocked
+                        PyErr_Clear()
+                if eq != 0:
+                    if n < cap:
+                        keys[n] = ks.key
+                        states[n] = ks
+                    n += 1
             i = (i + 1) & mask
 
-    cdef int _keys_equal(self, PyObject *a, object b) except -1:
-        """``a == b`` for two keys, with the mutex held."""
-        cdef unsigned long prev
-        if Py_TYPE_raw(a) == Py_TYPE_raw(<PyObject *>b) and (
-                PyUnicode_CheckExact(b) or PyLong_CheckExact(b)):
-            return PyObject_RichCompareBool(a, <PyObject *>b, Py_EQ)  # runs no Python code
-        prev = self.eq_thread
-        self.eq_thread = PyThread_get_thread_ident()
-        try:
-            return PyObject_RichCompareBool(a, <PyObject *>b, Py_EQ)
-        finally:
-            self.eq_thread = prev
-
-    cdef inline bint _reentered(self) noexcept:
-        """True on the thread that holds the mutex while it runs a key's __eq__:
-        a finalizer run from there (or the __eq__ itself) calls back into the
-        scheduler. It cannot take the mutex (its own thread holds it) and must
-        not change the state half-way through the lookup, so submits and closes
-        are deferred (_drain_deferred), reads go without the lock, and waits or
-        cancels raise RuntimeError."""
-        return self.eq_thread != 0 and self.eq_thread == PyThread_get_thread_ident()
-
-    cdef int _refuse_reentry(self, str what) except -1:
-        if self._reentered():
-            raise RuntimeError(f"keyedexec: {what} from a finalizer or a key's __eq__ run "
-                               "while this thread holds the scheduler's lock")
-        return 0
-
-    cdef int _drain_deferred(self) except -1:
-        """Queue what was deferred while this thread held the mutex (it does not now)."""
-        cdef object item
-        while self._deferred:
-            try:
-                item = self._deferred.popleft()
-            except IndexError:   # another thread took the last one
-                break
-            if type(item) is int:
-                self._close(item)
-            else:
-                key, fn, args, kwargs, fut, kind = item
-                self._push(key, fn, args, kwargs, fut, kind, False, -1.0, True)
-        return 0
-
-    cdef int _resize(self, int bits) except -1:
+    cdef int _resize(self, int bits) noexcept:
+        """Rehash into 2**bits slots (mutex held). -1: out of memory, unchanged."""
         cdef KeyState **old = self.slots
         cdef size_t oldn = <size_t>1 << self.bits
         cdef size_t n = <size_t>1 << bits
         cdef size_t i, j, mask = n - 1
         cdef KeyState **new = <KeyState **>_block_alloc(sizeof(KeyState *) * n)
         if new is NULL:
-            raise MemoryError()
+            return -1
         memset(new, 0, sizeof(KeyState *) * n)
         for i in range(oldn):
             if old[i] is not NULL:
@@ -363,15 +448,21 @@ cdef class Scheduler:
         _block_free(old, sizeof(KeyState *) * oldn)
         return 0
 
-    cdef KeyState *_insert(self, object key, Py_hash_t h, size_t pos) except NULL:
+    cdef KeyState *_insert(self, object key, Py_hash_t h) noexcept:
+        """A state for ``key``, which _locate found has none (mutex held).
+        NULL: out of memory (raised by the caller once unlocked)."""
         cdef KeyState *ks
+        cdef size_t pos
         if (self.nkeys + 1) * 2 > (<size_t>1 << self.bits):
-            self._resize(self.bits + 1)
-            self._find(key, h, &pos)   # recompute the free slot: cannot compare equal now
+            if self._resize(self.bits + 1) < 0:
+                return NULL
         ks = <KeyState *>PyMem_Malloc(sizeof(KeyState))
         if ks is NULL:
-            raise MemoryError()
+            return NULL
         memset(ks, 0, sizeof(KeyState))
+        pos = _home(h, 64 - self.bits)
+        while self.slots[pos] is not NULL:
+            pos = (pos + 1) & ((<size_t>1 << self.bits) - 1)
         Py_INCREF_raw(<PyObject *>key)
         ks.key = <PyObject *>key
         ks.hash = h
@@ -380,6 +471,7 @@ cdef class Scheduler:
         self.slots[pos] = ks
         self.nkeys += 1
         self.nbytes += sizeof(KeyState)
+        self.gens[h & GEN_MASK] += 1
         return ks
 
     cdef void _remove(self, KeyState *ks) noexcept:
@@ -388,6 +480,7 @@ cdef class Scheduler:
         cdef int shift = 64 - self.bits
         cdef size_t i = _home(ks.hash, shift)
         cdef size_t j, k
+        self.gens[ks.hash & GEN_MASK] += 1
         while self.slots[i] is not ks:
             i = (i + 1) & mask
         # Backward-shift deletion keeps every probe chain unbroken.
@@ -410,10 +503,7 @@ cdef class Scheduler:
     cdef void _maybe_shrink(self) noexcept:
         # Give memory back once the burst of keys is gone.
         if self.bits > MIN_TABLE_BITS and self.nkeys * 8 < (<size_t>1 << self.bits):
-            try:
-                self._resize(self.bits - 1)
-            except MemoryError:
-                pass
+            self._resize(self.bits - 1)   # out of memory: keep the larger table
 
     cdef void _free_key(self, KeyState *ks) noexcept:
         """Free a key's memory and drop its reference (mutex *not* held)."""
@@ -422,12 +512,14 @@ cdef class Scheduler:
         Py_DECREF_raw(ks.key)
         PyMem_Free(ks)
 
-    cdef KeyState *_free_key_unlocked(self, KeyState *ks) noexcept:
-        """_free_key with the mutex released around it (held on entry and exit); NULL."""
+    cdef void _release_unlocked(self, KeyState *dead, PyObject *held) noexcept:
+        """A worker's leftovers, released with the mutex released around it
+        (held on entry and exit): a dead key, a finished task's future."""
         ke_unlock(self.mu)
-        self._free_key(ks)
+        if dead is not NULL:
+            self._free_key(dead)
+        Py_XDECREF_raw(held)
         _acquire(self.mu)
-        return NULL
 
     cdef void _unaccount_key(self, KeyState *ks) noexcept:
         self.nbytes -= sizeof(KeyState)
@@ -436,12 +528,13 @@ cdef class Scheduler:
 
     # -- rings and ready queue (mutex held) -------------------------------------
 
-    cdef int _grow_ring(self, KeyState *ks) except -1:
+    cdef int _grow_ring(self, KeyState *ks) noexcept:
+        """Double the ring (mutex held). -1: out of memory, unchanged."""
         cdef uint32_t cap = ks.cap * 2
         cdef uint32_t i
         cdef Task *ring = <Task *>_block_alloc(sizeof(Task) * cap)
         if ring is NULL:
-            raise MemoryError()
+            return -1
         for i in range(ks.count):
             ring[i] = ks.ring[(ks.head + i) & (ks.cap - 1)]
         if ks.ring is not &ks.slot0:
@@ -474,142 +567,113 @@ cdef class Scheduler:
     # -- submission -------------------------------------------------------------
 
     cdef int _push(self, object key, object fn, object args, object kwargs, object fut,
-                   int kind, bint block, double timeout, bint late=False) except -1:
+                   int kind, bint block, double timeout) except -1:
         """Queue one task. 1: queued; 0: the key is full and we may not wait.
 
-        On any error nothing is queued and no reference is kept. ``late``: a
-        deferred task (_reentered), accepted already: it ignores queue_size,
-        and once the scheduler has closed it still runs while workers drain,
-        or is cancelled after a fork.
+        On any error nothing is queued and no reference is kept. A worker the
+        task needs is started *before* the task is queued, so a thread that
+        cannot start fails this submit (unless other workers can run the
+        task) instead of stranding it.
         """
         cdef Py_hash_t h
-        cdef size_t pos
         cdef KeyState *ks
         cdef Task *t
-        cdef bint notify = False, spawn = False, waited, timed_out = False
+        cdef bint notify = False, spawned = False, timed_out = False
         cdef double slice_
-        cdef unsigned long me
-        cdef int refused = 0    # 1: closed, 2: own key full; raised once unlocked
+        cdef int refused = 0    # 1: closed, 2: own key full, 3: out of memory; raised unlocked
         if not PyCallable_Check(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         try:
             h = PyObject_Hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
-        if self._reentered():
-            if self.closing:
-                raise RuntimeError(self._closed_message())
-            self._deferred.append((key, fn, args, kwargs, fut, kind))
-            return 1
         deadline = None
         while True:
-            _acquire(self.mu)
-            try:
-                if self.closing and not (late and self.closing != CLOSED_FORK):
-                    # Raised after unlocking: creating an exception may run the
-                    # GC (3.10/3.11), whose finalizers may submit.
-                    refused = 1
-                    if late:   # accepted, then the scheduler was forked away
-                        self.submitted += 1
-                        self.cancelled += 1
-                    break
-                ks = self._find(key, h, &pos)
-                if ks is NULL:
-                    ks = self._insert(key, h, pos)
-                elif self.queue_size and ks.count >= self.queue_size and not late:
-                    if not block or timed_out:
-                        return 0
-                    me = PyThread_get_thread_ident()
-                    if ks.runner == me:
-                        refused = 2
-                        break
-                    # Wait for space without the GIL, in slices so that
-                    # Ctrl-C reaches the main thread promptly.
-                    if timeout >= 0 and deadline is None:
-                        deadline = _monotonic() + timeout
-                    slice_ = 0.05
-                    if deadline is not None:
-                        slice_ = min(slice_, max(0.0, deadline - _monotonic()))
-                    self.blocked += 1
-                    with nogil:
-                        ke_wait(self.space_cv, self.mu, slice_)
-                        self.blocked -= 1
-                    ks = NULL
-                if ks is not NULL:
-                    if ks.count == ks.cap:
-                        self._grow_ring(ks)
-                    t = &ks.ring[(ks.head + ks.count) & (ks.cap - 1)]
-                    Py_INCREF_raw(<PyObject *>fn)
-                    Py_INCREF_raw(<PyObject *>args)
-                    t.fn = <PyObject *>fn
-                    t.args = <PyObject *>args
-                    if kwargs is None:
-                        t.kwargs = NULL
-                    else:
-                        Py_INCREF_raw(<PyObject *>kwargs)
-                        t.kwargs = <PyObject *>kwargs
-                    if fut is None:
-                        t.fut = NULL
-                    else:
-                        Py_INCREF_raw(<PyObject *>fut)
-                        t.fut = <PyObject *>fut
-                    t.kind = kind
-                    ks.count += 1
-                    self.pending += 1
-                    self.submitted += 1
-                    if ks.flags == S_IDLE:
-                        self._ready_push(ks)
-                        if self.idle > self.wakeups:
-                            self.wakeups += 1
-                            notify = True
-                        elif self.nthreads < self.max_workers:
-                            self.nthreads += 1
-                            spawn = True
-            except BaseException:
-                self._drop_if_empty(key, h)
-                raise
-            finally:
-                ke_unlock(self.mu)
-                if self._deferred:
-                    self._drain_deferred()
-            if ks is not NULL:
+            ks = self._locate(key, h)   # the mutex is held from here
+            if self.closing:
+                refused = 1
                 break
-            PyErr_CheckSignals()
-            if deadline is not None and _monotonic() >= deadline:
-                timed_out = True
-        if refused == 1 and late:
-            if fut is not None:
-                fut._cancel_queued()
-            return 1
+            if ks is not NULL and self.queue_size and ks.count >= self.queue_size:
+                if not block or timed_out:
+                    ke_unlock(self.mu)
+                    return 0
+                if ks.runner == PyThread_get_thread_ident():
+                    refused = 2
+                    break
+                # Wait for space without the GIL, in slices so that Ctrl-C
+                # reaches the main thread promptly; then look the key up again.
+                if timeout >= 0 and deadline is None:
+                    deadline = _monotonic() + timeout
+                slice_ = 0.05
+                if deadline is not None:
+                    slice_ = min(slice_, max(0.0, deadline - _monotonic()))
+                self.blocked += 1
+                with nogil:
+                    ke_wait(self.space_cv, self.mu, slice_)
+                    self.blocked -= 1
+                    ke_unlock(self.mu)
+                PyErr_CheckSignals()
+                if deadline is not None and _monotonic() >= deadline:
+                    timed_out = True
+                continue
+            if ((ks is NULL or ks.flags == S_IDLE) and self.idle <= self.wakeups
+                    and self.nthreads < self.max_workers and (not spawned or self.nthreads == 0)):
+                # The key will be ready and no worker is free: start one first.
+                self.nthreads += 1
+                ke_unlock(self.mu)
+                try:
+                    self._spawn()
+                except RuntimeError as exc:   # "can't start new thread"
+                    if self._live_workers() == 0:
+                        raise   # nobody could run the task: refuse it
+                    report_failure("keyedexec could not start another worker thread; "
+                                   "the running ones will serve the task", exc)
+                spawned = True
+                continue
+            if ks is NULL:
+                ks = self._insert(key, h)
+                if ks is NULL:
+                    refused = 3
+                    break
+            elif ks.count == ks.cap and self._grow_ring(ks) < 0:
+                refused = 3
+                break
+            t = &ks.ring[(ks.head + ks.count) & (ks.cap - 1)]
+            Py_INCREF_raw(<PyObject *>fn)
+            Py_INCREF_raw(<PyObject *>args)
+            t.fn = <PyObject *>fn
+            t.args = <PyObject *>args
+            if kwargs is None:
+                t.kwargs = NULL
+            else:
+                Py_INCREF_raw(<PyObject *>kwargs)
+                t.kwargs = <PyObject *>kwargs
+            if fut is None:
+                t.fut = NULL
+            else:
+                Py_INCREF_raw(<PyObject *>fut)
+                t.fut = <PyObject *>fut
+            t.kind = kind
+            ks.count += 1
+            self.pending += 1
+            self.submitted += 1
+            if ks.flags == S_IDLE:
+                self._ready_push(ks)
+                if self.idle > self.wakeups:
+                    self.wakeups += 1
+                    notify = True
+            break
+        ke_unlock(self.mu)
         if refused == 1:
             raise RuntimeError(self._closed_message())
         if refused == 2:
             raise QueueFull(f"key {key!r} is full ({self.queue_size} queued) and this job "
                             "runs on that key: waiting would deadlock")
+        if refused == 3:
+            raise MemoryError()
         if notify:
             ke_notify_one(self.work_cv)
-        if spawn:
-            self._spawn()
         return 1
-
-    cdef void _drop_if_empty(self, object key, Py_hash_t h) noexcept:
-        """After a failed push (mutex held): forget a key we created for it."""
-        cdef size_t pos
-        cdef KeyState *ks
-        try:
-            ks = self._find(key, h, &pos)
-        except BaseException:
-            return
-        if ks is not NULL and ks.count == 0 and ks.flags == S_IDLE:
-            self._remove(ks)
-            self._unaccount_key(ks)
-            self._free_key_later(ks)
-
-    cdef void _free_key_later(self, KeyState *ks) noexcept:
-        # Only reached for a key we just created: its reference is the one we
-        # took in _insert and the key object is alive in the caller's frame,
-        # so releasing it under the mutex cannot run a finalizer.
-        self._free_key(ks)
 
     cdef str _closed_message(self):
         if self.closing == CLOSED_EXIT:
@@ -713,6 +777,7 @@ cdef class Scheduler:
         """Body of a worker thread: serve ready keys until shut down (or idle)."""
         cdef KeyState *ks = NULL
         cdef KeyState *dead = NULL
+        cdef PyObject *held = NULL   # a finished task's future, released once unlocked
         cdef Task t
         cdef uint32_t served = 0
         cdef int status = 0
@@ -722,6 +787,8 @@ cdef class Scheduler:
         while True:
             # (mutex held) account for the task that just ran
             if status:
+                held = ks.current
+                ks.current = NULL
                 self.running -= 1
                 if status == T_SKIPPED:
                     self.cancelled += 1
@@ -738,19 +805,25 @@ cdef class Scheduler:
                     self.pending -= 1
                     self.running += 1
                     served += 1
+                    ks.current = t.fut   # _run leaves the task's reference to it
                     notify_space = self.blocked > 0
                     ke_unlock(self.mu)
                     if dead is not NULL:
                         self._free_key(dead)
                         dead = NULL
+                    if held is not NULL:
+                        Py_DECREF_raw(held)
+                        held = NULL
                     if notify_space:
                         ke_notify_all(self.space_cv)
                     status = self._run(<object>ks.key, &t)
                     _acquire(self.mu)
                     continue
-                if dead is not NULL:
+                if dead is not NULL or held is not NULL:
                     # Release the previous dead key first, outside the mutex.
-                    dead = self._free_key_unlocked(dead)
+                    self._release_unlocked(dead, held)
+                    dead = NULL
+                    held = NULL
                     continue
                 # This key's turn is over: back of the line, or gone.
                 ks.runner = 0
@@ -770,9 +843,11 @@ cdef class Scheduler:
                 continue
             if self.closing:
                 break
-            if dead is not NULL:
+            if dead is not NULL or held is not NULL:
                 # Free the last key before sleeping: an idle worker holds nothing.
-                dead = self._free_key_unlocked(dead)
+                self._release_unlocked(dead, held)
+                dead = NULL
+                held = NULL
                 continue
             # Nothing to do: wait without the GIL.
             self.idle += 1
@@ -793,17 +868,24 @@ cdef class Scheduler:
         ke_unlock(self.mu)
         if dead is not NULL:
             self._free_key(dead)
+        Py_XDECREF_raw(held)
         self._notify_exited()
 
     cdef int _run(self, object key, Task *t) noexcept:
-        """Run one task with the GIL; never raises. Releases the task's references."""
+        """Run one task with the GIL; never raises. Releases the task's references
+        except the future's."""
         cdef int kind = t.kind
         cdef object fn = <object>t.fn
         cdef object args = <object>t.args
         cdef object kwargs = None if t.kwargs is NULL else <object>t.kwargs
         cdef object fut = None if t.fut is NULL else <object>t.fut
         cdef object result
-        _release_task(t)    # the locals above own the objects now
+        # The locals above own the objects now; the task's reference to its
+        # future stays with the key (KeyState.current) until the worker's
+        # accounting, so that a fork sees every running task's future.
+        Py_DECREF_raw(t.fn)
+        Py_DECREF_raw(t.args)
+        Py_XDECREF_raw(t.kwargs)
         try:
             if fut is not None and not _claim(fut):
                 fut.set_running_or_notify_cancel()   # cancelled: notify its waiters
@@ -853,9 +935,6 @@ cdef class Scheduler:
 
     cdef int _close(self, int reason) except -1:
         cdef bint spawn = False
-        if self._reentered():
-            self._deferred.append(reason)
-            return 0
         _acquire(self.mu)
         if not self.closing:
             self.closing = reason
@@ -882,45 +961,51 @@ cdef class Scheduler:
 
         Their futures are cancelled (and waiters notified). Returns how many.
         """
-        cdef size_t i, n = 0, need, cap = 0, pos
+        cdef size_t i, n = 0, need, cap = 0
         cdef Py_hash_t h = 0
         cdef KeyState *ks = NULL
         cdef Task *dropped = NULL
+        cdef bint blocked
         if key is not _ALL:
             h = PyObject_Hash(key)
-        self._refuse_reentry("cancelling queued tasks")
         try:
             while True:   # size the buffer outside the mutex, then drain under it
-                _acquire(self.mu)
-                try:
-                    if key is not _ALL:
-                        ks = self._find(key, h, &pos)
-                        need = 0 if ks is NULL else ks.count
-                    else:
-                        need = self.pending
-                    if need <= cap:
-                        if key is _ALL:
-                            for i in range(<size_t>1 << self.bits):
-                                if self.slots[i] is not NULL:
-                                    n = _drain_ring(self.slots[i], dropped, n)
-                        elif ks is not NULL:
-                            n = _drain_ring(ks, dropped, n)
-                        # Emptied keys stay in the ready queue; a worker frees them.
-                        self.pending -= n
-                        self.cancelled += n
-                        break
-                finally:
+                if key is _ALL:
+                    _acquire(self.mu)
+                    need = self.pending
+                else:
+                    ks = self._locate(key, h)
+                    need = 0 if ks is NULL else ks.count
+                if need <= cap:
+                    if key is _ALL:
+                        for i in range(<size_t>1 << self.bits):
+                            if self.slots[i] is not NULL:
+                                n = _drain_ring(self.slots[i], dropped, n)
+                    elif ks is not NULL:
+                        n = _drain_ring(ks, dropped, n)
+                    # Emptied keys stay in the ready queue; a worker frees them.
+                    self.pending -= n
+                    self.cancelled += n
+                    blocked = self.blocked > 0
                     ke_unlock(self.mu)
-                    if self._deferred:   # made by a finalizer a key's __eq__ ran
-                        self._drain_deferred()
+                    break
+                ke_unlock(self.mu)
                 _block_free(dropped, sizeof(Task) * cap)
-                cap = need
-                dropped = <Task *>_block_alloc(sizeof(Task) * cap)
+                dropped = <Task *>_block_alloc(sizeof(Task) * need)
+                cap = 0 if dropped is NULL else need
                 if dropped is NULL:
                     raise MemoryError()
         except BaseException:
             _block_free(dropped, sizeof(Task) * cap)
             raise
+        if blocked and n:
+            ke_notify_all(self.space_cv)   # submitters waiting on a full key
+        return self._cancel_dropped(dropped, n, cap)
+
+    cdef Py_ssize_t _cancel_dropped(self, Task *dropped, size_t n, size_t cap) except -1:
+        """Cancel the futures of ``n`` tasks taken out of their rings, then
+        release them and the buffer (``cap`` tasks). Returns ``n``."""
+        cdef size_t i
         first_error = None   # one failure (a Ctrl-C) must not leave the rest pending
         try:
             for i in range(n):
@@ -938,8 +1023,38 @@ cdef class Scheduler:
             raise first_error
         return n
 
+    def cancel_task(self, key, fut):
+        """Drop ``key``'s queued task whose future is ``fut``, if it has not
+        started, and cancel that future. Returns whether it was dropped.
+        (wait_key's timed-out barrier: polling must not leave one behind.)"""
+        cdef Py_hash_t h = PyObject_Hash(key)
+        cdef KeyState *ks
+        cdef Task *taken = <Task *>PyMem_Malloc(sizeof(Task))
+        cdef uint32_t i, j, mask
+        cdef size_t n = 0
+        if taken is NULL:
+            raise MemoryError()
+        try:
+            ks = self._locate(key, h)
+        except BaseException:
+            PyMem_Free(taken)
+            raise
+        if ks is not NULL:
+            mask = ks.cap - 1
+            for i in range(ks.count):
+                if ks.ring[(ks.head + i) & mask].fut is <PyObject *>fut:
+                    taken[0] = ks.ring[(ks.head + i) & mask]
+                    for j in range(i, ks.count - 1):   # close the gap, keeping the order
+                        ks.ring[(ks.head + j) & mask] = ks.ring[(ks.head + j + 1) & mask]
+                    ks.count -= 1
+                    self.pending -= 1
+                    self.cancelled += 1
+                    n = 1
+                    break
+        ke_unlock(self.mu)
+        return self._cancel_dropped(taken, n, 1) == 1
+
     cdef int _live_workers(self) except -1:
-        self._refuse_reentry("waiting for the workers")
         _acquire(self.mu)
         n = self.nthreads
         ke_unlock(self.mu)
@@ -950,23 +1065,34 @@ cdef class Scheduler:
 
         Waits on the worker count, not on a list of threads, so that a worker
         being started by a racing submit is waited for too. Called from a task,
-        it does not wait for its own worker.
+        it waits neither for its own worker nor for workers whose task waits
+        in join() too: two tasks that shut the executor down would otherwise
+        wait for each other forever.
         """
         deadline = None if timeout is None else _monotonic() + timeout
         me = threading.current_thread()
         with self._exited:
-            own = 1 if me in self._threads else 0
-            while self._live_workers() > own:
-                remaining = None if deadline is None else deadline - _monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._exited.wait(remaining)
+            worker = me in self._threads
+            if worker:
+                self._joining += 1
+                self._exited.notify_all()   # the others may stop waiting for us
+            try:
+                while self._live_workers() > (self._joining if worker else 0):
+                    remaining = None if deadline is None else deadline - _monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._exited.wait(remaining)
+            finally:
+                if worker:
+                    self._joining -= 1
             threads = list(self._threads)
+        if worker:
+            return True   # the threads still alive are ours or wait in join() too
         for t in threads:
             # Past _worker_main already: this only waits for threading's own exit.
-            if t is not me and t.ident is not None:
+            if t.ident is not None:
                 t.join(None if deadline is None else max(0.0, deadline - _monotonic()))
-        return all(not t.is_alive() for t in threads if t is not me)
+        return all(not t.is_alive() for t in threads)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         self._close(CLOSED_SHUTDOWN)
@@ -975,72 +1101,40 @@ cdef class Scheduler:
         if wait:
             self.join()
 
-    cdef bint _lock_unless_reentered(self) noexcept:
-        """For reads: take the mutex, unless this thread holds it already
-        (_reentered). Returns whether it was taken."""
-        if self._reentered():
-            return False
-        _acquire(self.mu)
-        return True
-
-    cdef int _unlock_if(self, bint lock) except -1:
-        if lock:
-            ke_unlock(self.mu)
-            if self._deferred:   # made by a finalizer a key's __eq__ ran
-                self._drain_deferred()
-        return 0
-
     def metrics(self):
         """(workers, running, pending, active_keys, submitted, completed, failed, cancelled)"""
         cdef int nthreads
         cdef Py_ssize_t running, pending
         cdef size_t nkeys
         cdef unsigned long long submitted, completed, failed, cancelled
-        cdef bint lock = not self._reentered()
-        if lock:
-            _acquire(self.mu)
+        _acquire(self.mu)
         nthreads, running, pending, nkeys = self.nthreads, self.running, self.pending, self.nkeys
         submitted, completed = self.submitted, self.completed
         failed, cancelled = self.failed, self.cancelled
-        if lock:
-            ke_unlock(self.mu)
+        ke_unlock(self.mu)
         # Built after unlocking: a tuple allocation may run the GC (3.10/3.11).
         return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
     def key_pending(self, key):
         """Queued (not running) tasks of ``key``."""
-        cdef size_t pos
-        cdef KeyState *ks
-        cdef Py_hash_t h = PyObject_Hash(key)
-        cdef bint lock = self._lock_unless_reentered()
-        try:
-            ks = self._find(key, h, &pos)
-            return 0 if ks is NULL else ks.count
-        finally:
-            self._unlock_if(lock)
+        cdef KeyState *ks = self._locate(key, PyObject_Hash(key))
+        cdef Py_ssize_t n = 0 if ks is NULL else ks.count
+        ke_unlock(self.mu)
+        return n
 
     def key_active(self, key):
         """True if ``key`` has queued or running tasks."""
-        cdef size_t pos
-        cdef Py_hash_t h = PyObject_Hash(key)
-        cdef bint lock = self._lock_unless_reentered()
-        try:
-            return self._find(key, h, &pos) is not NULL
-        finally:
-            self._unlock_if(lock)
+        cdef KeyState *ks = self._locate(key, PyObject_Hash(key))
+        ke_unlock(self.mu)
+        return ks is not NULL
 
     def serving(self, key):
         """True if the calling thread is a worker running a task of ``key``."""
-        cdef size_t pos
-        cdef KeyState *ks
-        cdef Py_hash_t h = PyObject_Hash(key)
         cdef unsigned long me = PyThread_get_thread_ident()
-        cdef bint lock = self._lock_unless_reentered()
-        try:
-            ks = self._find(key, h, &pos)
-            return ks is not NULL and ks.runner == me
-        finally:
-            self._unlock_if(lock)
+        cdef KeyState *ks = self._locate(key, PyObject_Hash(key))
+        cdef bint serving = ks is not NULL and ks.runner == me
+        ke_unlock(self.mu)
+        return serving
 
     @property
     def closed(self):
@@ -1096,6 +1190,22 @@ cdef class Scheduler:
         self.blocked = 0
         self._threads = []
         self.cancel_queued()
+        self._cancel_orphans()
+
+    cdef int _cancel_orphans(self) except -1:
+        """(fork child) The tasks the parent's workers were running never end
+        here: cancel their futures, so that every future ends done."""
+        cdef size_t i
+        cdef KeyState *ks
+        orphans = []
+        for i in range(<size_t>1 << self.bits):   # no other thread exists here
+            ks = self.slots[i]
+            if ks is not NULL and ks.current is not NULL:
+                orphans.append(<object>ks.current)
+                Py_DECREF_raw(ks.current)   # the list's reference replaces the key's
+                ks.current = NULL
+        _lifecycle.cancel_orphans(orphans)
+        return 0
 
 
 cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:
