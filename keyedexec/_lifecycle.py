@@ -7,9 +7,11 @@ tasks are drained. The hook runs before ``threading`` joins non-daemon threads
 workers, which finish the queued tasks first.
 
 Fork: each scheduler's lock is held across ``os.fork()`` so the child inherits
-consistent state. In the child the inherited scheduler has no threads: it is
-closed (submit raises a clear RuntimeError) and its queued futures are
-cancelled, so nothing in the child waits forever. A new executor works there.
+consistent state, and so are the futures' seal locks (``_future._SEALS``). In
+the child the inherited scheduler has no threads: it is closed (submit raises
+a clear RuntimeError), and its queued futures and those of the tasks its
+workers were running are cancelled, so nothing in the child waits forever. A
+new executor works there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any
+from concurrent.futures._base import CANCELLED
+from typing import Any, Iterable
+
+from ._future import _SEALS
 
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
@@ -51,9 +56,15 @@ def _before_fork() -> None:
     _forking[:] = sorted(_live, key=id)
     for s in _forking:
         s._before_fork()
+    # Held for an instant around a future's completion: a worker's, at the
+    # fork, would stay held forever in the child.
+    for seal in _SEALS:
+        seal.acquire()
 
 
 def _after_fork_parent() -> None:
+    for seal in _SEALS:
+        seal.release()
     for s in reversed(_forking):
         s._after_fork_parent()
     _forking.clear()
@@ -63,10 +74,25 @@ def _after_fork_parent() -> None:
 def _after_fork_child() -> None:
     global _lock
     _lock = threading.Lock()
+    for seal in _SEALS:
+        seal.release()
     schedulers = list(_forking)
     _forking.clear()
     for s in schedulers:
         s._after_fork_child()
+
+
+def cancel_orphans(futures: Iterable[Any]) -> None:
+    """(fork child) Cancel the futures of tasks that were running in the
+    parent's workers: they never finish here, and every future ends done."""
+    for fut in list(futures):
+        if fut is None or fut.done():
+            continue
+        with fut._condition:  # what Future.cancel does, from RUNNING
+            fut._state = CANCELLED
+            fut._condition.notify_all()
+        fut._invoke_callbacks()
+        fut.set_running_or_notify_cancel()
 
 
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from time import monotonic
 from typing import Any, Callable
 
 from ._future import KeyedFuture
-from ._lifecycle import register
+from ._lifecycle import cancel_orphans, register
 from ._report import report_failure
 from .context import Context
 from .errors import QueueFull
@@ -56,13 +56,29 @@ Task = tuple[Any, Any, "dict[str, Any] | None", "KeyedFuture[Any] | None", int]
 
 
 class _KeyState:
-    __slots__ = ("key", "tasks", "ready", "runner")
+    __slots__ = ("key", "tasks", "ready", "runner", "current")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.tasks: deque[Task] = deque()
         self.ready = False
         self.runner = 0  # ident of the worker serving it, or 0
+        self.current: KeyedFuture[Any] | None = None  # the running task's future: see fork
+
+
+def _cancel_dropped(dropped: list[Task]) -> int:
+    """Cancel the futures of tasks taken out of their queues; returns how many."""
+    first_error = None  # one failure (a Ctrl-C) must not leave the rest pending
+    for task in dropped:
+        if task[3] is not None:
+            try:
+                task[3]._cancel_queued()
+            except BaseException as exc:
+                if first_error is None:
+                    first_error = exc
+    if first_error is not None:
+        raise first_error
+    return len(dropped)
 
 
 def _check_ctx(ctx: Any) -> None:
@@ -100,8 +116,10 @@ class Scheduler:
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # idle workers
         self._space = threading.Condition(self._lock)  # submitters on a full key
-        # Deferred submits (key, task) and closes (reason): module docstring.
-        self._deferred: deque[tuple[Any, Task] | int] = deque()
+        # Deferred submits (key, task) and closes (reason) by thread, and the
+        # threads draining theirs: module docstring.
+        self._deferred: dict[int, deque[tuple[Any, Task] | int]] = {}
+        self._draining: set[int] = set()
         self._keys: dict[Any, _KeyState] = {}
         self._ready: deque[_KeyState] = deque()
         self._nthreads = self._idle = self._wakeups = self._blocked = 0
@@ -112,6 +130,7 @@ class Scheduler:
         self._threads_lock = threading.Lock()
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self._spawned = 0
+        self._joining = 0  # worker threads whose task waits in join(); under _exited
         register(self)
 
     # -- submission ---------------------------------------------------------------
@@ -132,7 +151,8 @@ class Scheduler:
 
         ``late``: a deferred task (module docstring), accepted already: it
         ignores queue_size, and once the scheduler has closed it still runs
-        while workers drain, or is cancelled after a fork.
+        while workers drain, or is cancelled after a fork. A worker the task
+        needs is started before the task is queued (as in the native core).
         """
         if not late:
             if not callable(fn):
@@ -148,53 +168,79 @@ class Scheduler:
             # A finalizer, on a thread inside the critical section: defer.
             if self._closing:
                 raise RuntimeError(_CLOSED_MESSAGES[self._closing])
-            self._deferred.append((key, task))
+            self._defer((key, task))
             return True
         deadline = None if timeout is None else monotonic() + timeout
-        spawn = False
-        fresh = _KeyState(key)
-        refused = 0
+        receipt: list[_KeyState] = []
         try:
-            with self._lock:
-                while True:
-                    if self._closing and not (late and self._closing != CLOSED_FORK):
-                        refused = self._closing
-                        break
-                    ks = self._keys.get(key)
-                    if ks is None:
-                        ks = self._keys[key] = fresh
-                    elif self._queue_size and len(ks.tasks) >= self._queue_size and not late:
-                        remaining = None if deadline is None else deadline - monotonic()
-                        if not block or (remaining is not None and remaining <= 0):
-                            return False
-                        if ks.runner == _get_ident():
-                            refused = -1
+            return self._enqueue(key, task, block, deadline, late, receipt)
+        except BaseException:
+            # A signal handler may raise anywhere, also once the task is
+            # queued: a submit that raises must have queued nothing.
+            if receipt:
+                self._withdraw(receipt[0], task)
+            raise
+
+    def _enqueue(
+        self,
+        key: Any,
+        task: Task,
+        block: bool,
+        deadline: float | None,
+        late: bool,
+        receipt: list[_KeyState],
+    ) -> bool:
+        """_push once the arguments are checked (see there)."""
+        fut = task[3]
+        fresh = _KeyState(key)
+        spawned = False
+        while True:
+            refused = 0
+            spawn = False
+            try:
+                with self._lock:
+                    while True:
+                        if self._closing and not (late and self._closing != CLOSED_FORK):
+                            refused = self._closing
+                            if late:  # accepted, then the scheduler was forked away
+                                self._submitted += 1
+                                self._cancelled += 1
                             break
-                        self._blocked += 1
-                        try:
-                            self._space.wait(remaining)
-                        finally:
-                            self._blocked -= 1
-                        continue
-                    ks.tasks.append(task)
-                    self._pending += 1
-                    self._submitted += 1
-                    if not ks.ready and not ks.runner:
-                        ks.ready = True
-                        self._ready.append(ks)
-                        if self._idle > self._wakeups:
-                            self._wakeups += 1
-                            self._work.notify()
-                        elif self._nthreads < self._max_workers:
-                            self._nthreads += 1
-                            spawn = True
-                    break
-                if refused and late:  # accepted, then the scheduler was forked away
-                    self._submitted += 1
-                    self._cancelled += 1
-        finally:
-            if self._deferred:
+                        ks = self._keys.get(key)
+                        if ks is not None and self._queue_size and not late and (
+                                len(ks.tasks) >= self._queue_size):
+                            remaining = None if deadline is None else deadline - monotonic()
+                            if not block or (remaining is not None and remaining <= 0):
+                                return False
+                            if ks.runner == _get_ident():
+                                refused = -1
+                                break
+                            self._blocked += 1
+                            try:
+                                self._space.wait(remaining)
+                            finally:
+                                self._blocked -= 1
+                            continue
+                        idle_key = ks is None or not (ks.ready or ks.runner)
+                        if (idle_key and self._idle <= self._wakeups
+                                and self._nthreads < self._max_workers
+                                and (not spawned or self._nthreads == 0)):
+                            spawn = self._reserve_worker()
+                            break
+                        self._commit(key, ks, fresh, task, receipt)
+                        break
+            finally:
                 self._after_unlock()
+            if not spawn:
+                break
+            try:
+                self._spawn()
+            except RuntimeError as exc:  # "can't start new thread"
+                if self._nthreads == 0:
+                    raise  # nobody could run the task: refuse it
+                report_failure("keyedexec could not start another worker thread; "
+                               "the running ones will serve the task", exc)
+            spawned = True
         if refused and late:
             if fut is not None:
                 fut._cancel_queued()
@@ -206,9 +252,67 @@ class Scheduler:
                 f"key {key!r} is full ({self._queue_size} queued) and this "
                 "job runs on that key: waiting would deadlock"
             )
-        if spawn:
-            self._spawn()
         return True
+
+    # The two state changes of a submit. A signal handler (Ctrl-C) can raise
+    # at almost any bytecode of the main thread, inside the locked section
+    # too: each change is undone if it did not complete, so that a submit that
+    # raised queued nothing and the counters stay true.
+
+    def _reserve_worker(self) -> bool:
+        nthreads = self._nthreads
+        try:
+            self._nthreads = nthreads + 1
+        except BaseException:
+            self._nthreads = nthreads
+            raise
+        return True
+
+    def _commit(
+        self, key: Any, ks: _KeyState | None, fresh: _KeyState, task: Task, receipt: list[_KeyState]
+    ) -> None:
+        saved = self._pending, self._submitted, self._wakeups
+        new = ks is None
+        target = fresh if ks is None else ks
+        try:
+            if new:
+                self._keys[key] = fresh
+            idle_key = not (target.ready or target.runner)
+            if idle_key:  # an empty ready key is harmless: a worker frees it
+                target.ready = True
+                self._ready.append(target)
+            self._pending += 1
+            self._submitted += 1
+            receipt.append(target)
+            target.tasks.append(task)  # the commit point
+            if idle_key and self._idle > self._wakeups:
+                self._wakeups += 1
+                self._work.notify()
+        except BaseException:
+            if target.tasks and target.tasks[-1] is task:
+                target.tasks.pop()
+            if new and not target.ready and self._keys.get(key) is fresh:
+                del self._keys[key]
+            self._pending, self._submitted, self._wakeups = saved
+            raise
+
+    def _withdraw(self, ks: _KeyState, task: Task) -> None:
+        """Take back a task that _commit queued, unless a worker took it."""
+        try:
+            with self._lock:
+                for i, queued in enumerate(ks.tasks):
+                    if queued is task:
+                        del ks.tasks[i]  # an emptied key stays ready; a worker frees it
+                        self._pending -= 1
+                        self._submitted -= 1
+                        break
+        finally:
+            self._after_unlock()
+
+    def _defer(self, item: tuple[Any, Task] | int) -> None:
+        """From a finalizer inside the critical section (module docstring): the
+        item waits for this thread to release the lock."""
+        self._deferred.setdefault(_get_ident(), deque()).append(item)
 
     def _after_unlock(self) -> None:
         """After each release of the lock: queue what finalizers deferred."""
@@ -216,17 +320,40 @@ class Scheduler:
             self._drain_deferred()
 
     def _drain_deferred(self) -> None:
-        deferred = self._deferred
-        while deferred:
-            try:
-                item = deferred.popleft()
-            except IndexError:  # another thread took the last one
-                return
-            if isinstance(item, int):
-                self._close(item)
+        """Queue, in order, what was deferred on this thread. One loop per
+        thread (a drain's own pushes may defer more: the loop takes them too),
+        and a deferred submit that fails reports through its future."""
+        me = _get_ident()
+        queue = self._deferred.get(me)
+        if queue is None or me in self._draining:
+            return
+        self._draining.add(me)
+        try:
+            while queue:
+                item = queue.popleft()
+                if isinstance(item, int):
+                    self._close(item)
+                    continue
+                key, task = item
+                fn, args, kwargs, fut, kind = task
+                try:
+                    self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
+                except BaseException as exc:  # e.g. its key's __eq__ raised
+                    self._fail(key, fut, kind, exc)
+        finally:
+            self._draining.discard(me)
+            if not queue:
+                self._deferred.pop(me, None)
+
+    def _fail(self, key: Any, fut: KeyedFuture[Any] | None, kind: int, exc: BaseException) -> None:
+        """An accepted task that could not be queued: its outcome is ``exc``."""
+        if fut is None:
+            self._report(key, exc)
+        elif fut.set_running_or_notify_cancel():
+            if kind & K_ERRVAL:
+                fut._set_outcome(exc, None)
             else:
-                key, (fn, args, kwargs, fut, kind) = item
-                self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
+                fut._set_outcome(None, exc)
 
     def _refuse_reentry(self, what: str) -> None:
         if self._lock._is_owned():  # type: ignore[attr-defined]
@@ -325,6 +452,7 @@ class Scheduler:
         try:
             while True:
                 if status:
+                    ks.current = None  # type: ignore[union-attr]
                     self._running -= 1
                     if status == T_SKIPPED:
                         self._cancelled += 1
@@ -336,6 +464,7 @@ class Scheduler:
                 if ks is not None:
                     if ks.tasks and served < self._batch:
                         task = ks.tasks.popleft()
+                        ks.current = task[3]
                         self._pending -= 1
                         self._running += 1
                         served += 1
@@ -361,7 +490,7 @@ class Scheduler:
                         ks.ready = True
                         self._ready.append(ks)
                     else:
-                        del self._keys[ks.key]
+                        self._forget(ks)
                         dead = ks
                     ks = None
                 if self._ready:
@@ -391,6 +520,18 @@ class Scheduler:
             self._after_unlock()
         del dead
         self._notify_exited()
+
+    def _forget(self, ks: _KeyState) -> None:
+        """Remove a key's state from the table (lock held), even if the key
+        object was mutated while it ran and no longer hashes as it did."""
+        try:
+            if self._keys.get(ks.key) is ks:
+                del self._keys[ks.key]
+                return
+        except Exception:  # noqa: S110 - a mutated key's __hash__/__eq__ may fail
+            pass
+        # Rebuilt without it: deleting needs the key's old hash.
+        self._keys = {key: state for key, state in self._keys.items() if state is not ks}
 
     def _run(self, key: Any, task: Task) -> int:
         fn, args, kwargs, fut, kind = task
@@ -444,7 +585,7 @@ class Scheduler:
 
     def _close(self, reason: int) -> None:
         if self._lock._is_owned():  # type: ignore[attr-defined]
-            self._deferred.append(reason)  # a finalizer inside the critical section
+            self._defer(reason)  # a finalizer inside the critical section
             return
         spawn = False
         try:
@@ -487,40 +628,64 @@ class Scheduler:
                     ks.tasks.clear()  # an emptied key stays ready; a worker frees it
                 self._pending -= len(dropped)
                 self._cancelled += len(dropped)
+                if dropped and self._blocked:
+                    self._space.notify_all()  # submitters waiting on a full key
         finally:
             self._after_unlock()
-        first_error = None  # one failure (a Ctrl-C) must not leave the rest pending
-        for task in dropped:
-            if task[3] is not None:
-                try:
-                    task[3]._cancel_queued()
-                except BaseException as exc:
-                    if first_error is None:
-                        first_error = exc
-        if first_error is not None:
-            raise first_error
-        return len(dropped)
+        return _cancel_dropped(dropped)
+
+    def cancel_task(self, key: Any, fut: KeyedFuture[Any]) -> bool:
+        """Drop ``key``'s queued task whose future is ``fut``, if it has not
+        started, and cancel that future. Returns whether it was dropped."""
+        self._refuse_reentry("cancelling a queued task")
+        dropped: list[Task] = []
+        try:
+            with self._lock:
+                ks = self._keys.get(key)
+                for task in () if ks is None else ks.tasks:
+                    if task[3] is fut:
+                        ks.tasks.remove(task)  # type: ignore[union-attr]
+                        dropped.append(task)
+                        self._pending -= 1
+                        self._cancelled += 1
+                        break
+        finally:
+            self._after_unlock()
+        return _cancel_dropped(dropped) == 1
 
     def _live_workers(self) -> int:
         self._refuse_reentry("waiting for the workers")
         return self._nthreads  # one attribute read: atomic
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until the workers have exited (after close). True if they did."""
+        """Wait until the workers have exited (after close). True if they did.
+
+        Called from a task, it waits neither for its own worker nor for workers
+        whose task waits in join() too (as the native core).
+        """
         deadline = None if timeout is None else monotonic() + timeout
         me = threading.current_thread()
         with self._exited:
-            own = 1 if me in self._threads else 0
-            while self._live_workers() > own:
-                remaining = None if deadline is None else deadline - monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._exited.wait(remaining)
+            worker = me in self._threads
+            if worker:
+                self._joining += 1
+                self._exited.notify_all()  # the others may stop waiting for us
+            try:
+                while self._live_workers() > (self._joining if worker else 0):
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._exited.wait(remaining)
+            finally:
+                if worker:
+                    self._joining -= 1
             threads = list(self._threads)
+        if worker:
+            return True  # the threads still alive are ours or wait in join() too
         for t in threads:
-            if t is not me and t.ident is not None:
+            if t.ident is not None:
                 t.join(None if deadline is None else max(0.0, deadline - monotonic()))
-        return all(not t.is_alive() for t in threads if t is not me)
+        return all(not t.is_alive() for t in threads)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._close(CLOSED_SHUTDOWN)
@@ -592,5 +757,7 @@ class Scheduler:
         self._closing = CLOSED_FORK
         self._nthreads = self._idle = self._wakeups = self._blocked = 0
         self._threads = []
+        self._deferred, self._draining = {}, set()
         self.cancel_queued()
+        cancel_orphans(ks.current for ks in list(self._keys.values()))
 
