@@ -243,30 +243,38 @@ class KeyedExecutor(Generic[K]):
         """Wait until every task queued for ``key`` at the call has finished.
 
         Returns False if ``timeout`` seconds passed first. Works by queueing a
-        no-op behind them (it shows in ``metrics()`` as one task) unless the
-        key is idle, in which case it returns True at once. Raises
+        no-op behind them (it shows in ``metrics()`` as one task, cancelled if
+        the wait times out, so polling leaves nothing behind) unless the key
+        is idle, in which case it returns True at once. If ``cancel_key``
+        drops that no-op, it waits again for what still runs. Raises
         RuntimeError when called from a task of ``key`` itself (it would wait
         for itself forever).
         """
         timeout = _check_timeout("timeout", timeout)
         if self._sched.serving(key):
             raise RuntimeError(f"wait_key({key!r}) from a task of that key would deadlock")
-        if not self._sched.key_active(key):
-            return True  # nothing queued or running: nothing to wait for
-        try:
-            barrier = self._sched.submit(key, _noop)
-        except RuntimeError:
-            # Shut down: the workers drain every key, so wait for all of them.
-            done: bool = self._sched.join(timeout)
-            return done
-        try:
-            barrier.result(timeout)
-        except concurrent.futures.TimeoutError:
-            barrier.cancel()
-            return False
-        except concurrent.futures.CancelledError:
-            pass  # shutdown(cancel_futures=True): what was queued will never run
-        return True
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if end is None else max(0.0, end - time.monotonic())
+            if not self._sched.key_active(key):
+                return True  # nothing queued or running: nothing to wait for
+            try:
+                barrier = self._sched.submit(key, _noop)
+            except RuntimeError:
+                # Shut down: the workers drain every key, so wait for all of them.
+                done: bool = self._sched.join(remaining)
+                return done
+            try:
+                barrier.result(remaining)
+                return True
+            except concurrent.futures.TimeoutError:
+                self._sched.cancel_task(key, barrier)
+                return False
+            except concurrent.futures.CancelledError:
+                # cancel_key or shutdown(cancel_futures=True) dropped the barrier:
+                # the task running before it may still run. Look again.
+                if end is not None and time.monotonic() >= end:
+                    return not self._sched.key_active(key)
 
     # -- Python conventions ---------------------------------------------------------------
 
