@@ -496,7 +496,9 @@ _CTRL_C_CHILD = textwrap.dedent(
     # The interrupted submit left the pool consistent and usable.
     m = pool.metrics()
     assert (m.submitted, m.pending, m.running) == (2, 1, 1), m
-    assert pool.try_submit("other", lambda ctx: None)
+    other_ran = threading.Event()
+    assert pool.try_submit("other", lambda ctx: other_ran.set())
+    assert other_ran.wait(10)  # else stop() may discard it before a worker takes it
     assert pool.stop(timeout=5)
     assert pool.metrics().discarded == 1, pool.metrics()
     print("consistent", flush=True)

@@ -1,0 +1,437 @@
+"""The README's guarantees on the paths an adversarial review broke (issue 13, part A).
+
+Each test reproduces one finding: key __eq__ and finalizers that use the executor,
+executors shut down from their own tasks, worker threads that cannot start,
+wait_key's barrier, keys mutated while they run, fork with a task running, and
+signal handlers that raise inside a submit. Hangs and crashes run in a child
+interpreter, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from conftest import wait_until
+from test_process import _fork, _ok, _reap, _run
+
+
+# -- keys whose __eq__ uses the executor -------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_eq_that_submits_from_many_threads_on_small_stacks(impl: Any) -> None:
+    """Keys whose __eq__ calls ex.execute, from 3 producer threads with 256 KiB
+    stacks (musl's default range): the native core used to recurse once per
+    deferred submit until it crashed; the pure one raised RecursionError in a
+    worker and then hung in shutdown. Every task must run."""
+    proc = _run(impl, """
+        import threading, faulthandler
+        from keyedexec import KeyedExecutor
+        faulthandler.dump_traceback_later(60, exit=True)
+        threading.stack_size(256 * 1024)
+        ex = KeyedExecutor(2)
+        ran = []
+        count = threading.Lock()
+
+        class Key:
+            def __init__(self, v):
+                self.v = v
+            def __hash__(self):
+                return 1  # every key collides: each lookup compares
+            def __eq__(self, other):
+                ex.execute(("inner", self.v % 8), ran.append, 1)
+                return isinstance(other, Key) and self.v == other.v
+
+        def produce(base):
+            for i in range(1500):
+                ex.execute(Key(base + i % 4), ran.append, 1)
+
+        threads = [threading.Thread(target=produce, args=(n * 10,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ex.shutdown()
+        m = ex.metrics()
+        say(m.submitted == len(ran) == m.completed, m.failed)
+    """, timeout=100)
+    assert _ok(proc) == ["True 0"]
+
+
+@pytest.mark.timeout(120)
+def test_submits_made_inside_eq_keep_their_order(impl: Any) -> None:
+    """Inside a key's __eq__, execute((n, "A")) then execute((n, "B")) on one
+    key, while two threads poll pending(): A always runs before B (the native
+    core's shared deferred queue let another thread's drain push B first)."""
+    proc = _run(impl, """
+        import itertools, threading
+        from keyedexec import KeyedExecutor
+        ex = KeyedExecutor(4)
+        calls = itertools.count()
+        seen = {}
+        bad = []
+
+        def record(n, tag):
+            seen.setdefault(n, []).append(tag)
+
+        class Key:
+            def __init__(self, n):
+                self.n = n
+            def __hash__(self):
+                return 3
+            def __eq__(self, other):
+                if isinstance(other, Key):
+                    m = next(calls)  # one pair per call, whichever thread compares
+                    ex.execute(("pair", m % 64), record, m, "A")
+                    ex.execute(("pair", m % 64), record, m, "B")
+                return self is other
+
+        stop = threading.Event()
+        def poll():
+            while not stop.is_set():
+                ex.pending("zzz")
+        pollers = [threading.Thread(target=poll) for _ in range(2)]
+        for t in pollers:
+            t.start()
+        gate = threading.Event()
+        ex.execute(Key(-1), gate.wait, 30)   # keeps a colliding key in the table
+        for n in range(20000):
+            ex.execute(Key(n), abs, 1)
+        gate.set()
+        stop.set()
+        for t in pollers:
+            t.join()
+        ex.shutdown()
+        bad = [m for m, tags in seen.items() if tags != ["A", "B"]]
+        say(len(bad), len(seen) > 0, ex.metrics().failed)
+    """, timeout=100)
+    assert _ok(proc) == ["0 True 0"]
+
+
+@pytest.mark.timeout(60)
+def test_submit_inside_eq_whose_own_key_fails_is_not_lost(impl: Any) -> None:
+    """A submit made from inside another key's __eq__, whose own key's __eq__
+    raises: the error reaches someone, nothing is left PENDING, and shutdown
+    returns with every worker accounted for (it used to hang)."""
+    proc = _run(impl, """
+        import threading, faulthandler
+        from keyedexec import KeyedExecutor
+        faulthandler.dump_traceback_later(20, exit=True)
+        inner = []
+
+        class K:
+            def __init__(s, v, hook=None, bad=False):
+                s.v, s.hook, s.bad = v, hook, bad
+            def __hash__(s):
+                return 7
+            def __eq__(s, o):
+                if getattr(o, "hook", None):
+                    h, o.hook = o.hook, None
+                    h()
+                if s.bad or getattr(o, "bad", False):
+                    raise ValueError("bad key")
+                return s.v == o.v
+
+        ex = KeyedExecutor(2)
+        g = threading.Event()
+        first = ex.submit(K(1), g.wait, 5)
+
+        def hook():
+            try:
+                inner.append(ex.submit(K(3, bad=True), int))
+            except ValueError:
+                inner.append("refused")
+
+        outer = ex.submit(K(2, hook=hook), print)
+        g.set()
+        ex.shutdown()
+        m = ex.metrics()
+        done = all(f.done() for f in [first, outer] + [f for f in inner if f != "refused"])
+        say(done, m.submitted == m.completed + m.cancelled, m.workers)
+    """)
+    assert _ok(proc)[-1] == "True True 0"
+
+
+@pytest.mark.timeout(120)
+def test_finalizers_that_submit_under_gc_pressure(impl: Any) -> None:
+    """Cyclic garbage whose __del__ submits, collected at every allocation
+    (gc threshold 1) while producer threads submit and workers run: no hang,
+    and every accepted task runs."""
+    proc = _run(impl, """
+        import gc, threading, faulthandler
+        from keyedexec import KeyedExecutor
+        faulthandler.dump_traceback_later(80, exit=True)
+        ex = KeyedExecutor(3)
+        ran = []
+        accepted = []
+
+        class Garbage:
+            def __init__(self, n):
+                self.me, self.n = self, n
+            def __del__(self):
+                ex.execute(self.n % 5, ran.append, 1)
+                accepted.append(1)
+
+        def produce(base):
+            for i in range(1500):
+                Garbage(base + i)
+                ex.execute((base + i) % 7, ran.append, 1)
+                accepted.append(1)
+
+        gc.set_threshold(1, 1, 1)
+        threads = [threading.Thread(target=produce, args=(n * 10000,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gc.set_threshold(700, 10, 10)
+        gc.collect()
+        ex.shutdown()
+        say(len(accepted) == len(ran), ex.metrics().failed)
+    """, timeout=110)
+    assert _ok(proc) == ["True 0"]
+
+
+# -- shutdown from the executor's own tasks ---------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_two_tasks_that_each_shut_down_both_return(h: Any) -> None:
+    """Each task waits in shutdown(wait=True) for the workers other than its own;
+    two such tasks used to wait for each other forever."""
+    ex = h.executor(2)
+    both = threading.Barrier(2, timeout=10)
+
+    def stopper() -> str:
+        both.wait()
+        ex.shutdown(wait=True)
+        return "returned"
+
+    fs = [ex.submit(k, stopper) for k in ("a", "b")]
+    assert [f.result(10) for f in fs] == ["returned", "returned"]
+    ex.shutdown(wait=True)
+    assert ex.metrics().workers == 0
+
+
+@pytest.mark.timeout(30)
+def test_task_shutdown_still_waits_for_other_running_tasks(h: Any) -> None:
+    """The exemption covers tasks waiting in shutdown only: a task's
+    shutdown(wait=True) still waits for another key's running task."""
+    ex = h.executor(2)
+    gate, blocker = h.block(ex, "slow")
+    returned = threading.Event()
+
+    def stopper() -> None:
+        ex.shutdown(wait=True)
+        returned.set()
+
+    f = ex.submit("stopper", stopper)
+    assert not returned.wait(0.3)
+    gate.set()
+    f.result(10)
+    assert blocker.result(10) == "blocker"
+
+
+# -- worker threads that cannot start ------------------------------------------------------
+
+
+def _failing_start(self: threading.Thread) -> None:
+    raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.timeout(30)
+def test_failed_worker_start_queues_nothing(impl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker can start and none runs: submit raises and nothing stays
+    queued (the task used to stay queued, its key stuck with no worker)."""
+    ex = impl.KeyedExecutor(2)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", _failing_start)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                ex.submit("k", lambda: "ran")
+            m = ex.metrics()
+            assert (m.workers, m.pending, m.active_keys, m.submitted) == (0, 0, 0, 0), m
+            assert ex.pending("k") == 0
+        assert ex.submit("k", lambda: "ran").result(10) == "ran"
+    finally:
+        ex.shutdown(wait=True)
+
+
+@pytest.mark.timeout(30)
+def test_failed_extra_worker_start_lets_running_workers_serve(
+    h: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker already runs: a second one that cannot start is logged, the
+    submit succeeds and the task runs once the running worker is free."""
+    ex = h.executor(2)
+    gate, blocker = h.block(ex, "busy")
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", _failing_start)
+        f = ex.submit("other", lambda: "ran")
+    assert "could not start another worker" in caplog.text
+    gate.set()
+    assert f.result(10) == "ran"
+    assert blocker.result(10) == "blocker"
+
+
+# -- wait_key's barrier -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_polling_wait_key_leaves_nothing_queued(h: Any) -> None:
+    """Each timed-out wait_key used to leave its cancelled barrier queued:
+    100 k polls meant 100,000 queued no-ops and about 150 MB."""
+    ex = h.executor(2)
+    gate, _ = h.block(ex, "k")
+    ex.execute("k", abs, -1)
+    for _ in range(300):
+        assert ex.wait_key("k", timeout=0) is False
+    assert ex.pending("k") == 1
+    m = ex.metrics()
+    assert m.pending == 1 and m.submitted == m.completed + m.cancelled + m.running + m.pending
+    gate.set()
+    assert ex.wait_key("k", timeout=10) is True
+
+
+@pytest.mark.timeout(30)
+def test_wait_key_is_not_fooled_by_cancel_key(h: Any) -> None:
+    """cancel_key drops wait_key's barrier while the key's task still runs:
+    wait_key must go on waiting for that task, not return True."""
+    ex = h.executor(2)
+    gate, blocker = h.block(ex, "k")
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(ex.wait_key("k", timeout=10)))
+    waiter.start()
+    assert wait_until(lambda: ex.pending("k") == 1)  # the barrier is queued
+    assert ex.cancel_key("k") == 1
+    time.sleep(0.2)
+    assert result == [] and not blocker.done()
+    gate.set()
+    waiter.join(10)
+    assert result == [True] and blocker.done()
+
+
+# -- keys mutated while they run ----------------------------------------------------------------
+
+
+class _MutableKey:
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+    def __hash__(self) -> int:
+        return hash(self.v)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _MutableKey) and other.v == self.v
+
+
+@pytest.mark.timeout(30)
+def test_key_mutated_while_its_task_runs(h: Any) -> None:
+    """The pure scheduler's worker died (KeyError) freeing a key whose hash had
+    changed; the executor must stay usable and shut down cleanly."""
+    ex = h.executor(1)
+    key = _MutableKey(1)
+
+    def mutate() -> str:
+        key.v = 2
+        return "mutated"
+
+    assert ex.submit(key, mutate).result(10) == "mutated"
+    assert wait_until(lambda: ex.metrics().active_keys == 0)
+    assert ex.submit("after", lambda: "ran").result(10) == "ran"
+    assert ex.metrics().workers == 1
+
+
+# -- fork with a task running -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_fork_cancels_the_futures_of_running_tasks_in_the_child(h: Any) -> None:
+    """A task running at fork time never finishes in the child: its future
+    there must end done (cancelled), not stay RUNNING forever."""
+    ex = h.executor(2)
+    gate, running = h.block(ex, "k")
+    queued = ex.submit("k", abs, -1)
+    pid = _fork()
+    if pid == 0:  # the child: leave only through os._exit
+        code = 1
+        try:
+            ok = running.cancelled() and queued.cancelled()
+            cf.wait([running, queued], timeout=5)
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    assert _reap(pid, 30) == 0
+    gate.set()
+    assert running.result(10) == "blocker"
+    assert queued.result(10) == 1
+
+
+# -- signal handlers that raise inside submit ------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+@pytest.mark.timeout(60)
+def test_signal_raising_inside_submit_keeps_the_state_true(impl: Any) -> None:
+    """SIGALRM every 0.2 ms raises from its handler on the main thread, which
+    submits in a loop: a submit that raised queued nothing, every accepted
+    task ran once, and the counters add up (pending used to end negative).
+    (A worker that takes the task in the instant between its queueing and the
+    raise runs it: the worker is kept busy here so that none can.)"""
+    proc = _run(impl, """
+        import signal
+        from keyedexec import KeyedExecutor
+
+        class Tick(Exception):
+            pass
+
+        armed = [False]
+
+        def handler(signum, frame):
+            if armed[0]:  # once per submit, and never outside one
+                armed[0] = False
+                raise Tick
+
+        import threading
+        ran, inside, ticks = [], set(), 0
+        ex = KeyedExecutor(1)
+        # The worker starts before the ticks (threading.Thread.start is not
+        # signal-safe) and stays busy during them: no task starts before its
+        # submit has returned or raised.
+        started, gate = threading.Event(), threading.Event()
+        ex.execute("gate", lambda: (started.set(), gate.wait(60)))
+        started.wait(10)
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        for i in range(30000):
+            armed[0] = True
+            try:
+                ex.execute(i % 8, ran.append, i)
+                armed[0] = False
+            except Tick as exc:
+                ticks += 1
+                frames, tb = [], exc.__traceback__.tb_next
+                while tb is not None and tb.tb_frame.f_code is not handler.__code__:
+                    frames.append(tb.tb_frame.f_code.co_name)
+                    tb = tb.tb_next
+                if len(frames) >= 2:  # raised in the scheduler, below execute itself
+                    inside.add(i)
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        gate.set()
+        ex.shutdown()
+        m = ex.metrics()
+        say(inside.isdisjoint(ran), len(set(ran)) == len(ran) == m.submitted - 1 == m.completed - 1,
+            m.pending, ticks > 0)
+    """, timeout=50)
+    assert _ok(proc) == ["True True 0 True"]
