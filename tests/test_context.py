@@ -302,6 +302,8 @@ def test_wait_interruptible_by_sigint() -> None:
         if not interrupted.wait(2):
             cancel()  # safety net: unblock the wait if the signal did not
 
+    # Whatever this process inherited (a background job ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=interrupt, daemon=True)
     t.start()
     try:
@@ -310,6 +312,8 @@ def test_wait_interruptible_by_sigint() -> None:
     finally:
         interrupted.set()
         t.join(5)
+        if previous is not None:  # None: set outside Python, cannot be restored
+            signal.signal(signal.SIGINT, previous)
     assert not ctx.cancelled  # woken by the signal, not by the safety net
 
 
