@@ -22,16 +22,18 @@ Design notes (why it looks the way it does):
   picked by identity. A lock is never held while taking another, nor while
   allocating container objects (which could start the cyclic GC and run
   arbitrary finalizers), nor while running user code, so striping cannot
-  deadlock between threads. A :class:`threading.Event` is created only when
-  someone waits.
+  deadlock between threads.
 * Signal handlers and finalizers may use contexts. CPython runs them on the
-  current thread between two bytecodes, possibly while that thread holds a
-  stripe, and such a handler may take the same stripe again (same state or a
-  neighbour). So the stripes are reentrant locks, and every locked section
-  reads and changes its state with plain attribute access, making at most one
-  call (a ``set.add`` or ``list.append``), last: wherever a handler can run,
-  the state is consistent, and a nested section works as if it ran before or
-  after the interrupted one.
+  current thread around any call, possibly while that thread holds a stripe,
+  and such a handler may take the same stripe again (same state or a
+  neighbour). So the stripes are reentrant locks, and a locked section makes
+  at most one call (a ``set.add`` or ``list.append``) and re-reads the state
+  after it, so that a nested section works as if it ran before or after the
+  interrupted one. Done callbacks are an immutable chain swapped in with plain
+  attribute access, since exactly-once could not survive a re-entered append.
+  Waiting uses a private lock per waiter, which cancel releases: that never
+  blocks, where ``threading.Event.set`` would deadlock in a handler that
+  interrupted a wait on the same event.
 * No timer threads: deadlines are checked lazily, by ``err()``, ``cancelled``
   and ``wait()`` (which sleeps no longer than the time left). The first
   observation that a deadline passed cancels, with :class:`DeadlineExceeded`,
@@ -56,7 +58,7 @@ import math
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ._report import logger
 from .errors import Cancelled, DeadlineExceeded
@@ -79,6 +81,8 @@ _LOCKS = tuple(threading.RLock() for _ in range(_NSTRIPES))
 _NO_KEY: Any = object()
 
 DoneCallback = Callable[["Context"], object]
+# Done callbacks, newest first: ((fn, ctx), older) ... None.
+_Chain = Optional[tuple[tuple[DoneCallback, "Context"], "_Chain"]]
 
 
 def _check_seconds(name: str, x: object) -> float:
@@ -103,7 +107,7 @@ class _CancelState:
         "_root",
         "_children",
         "_anchored",
-        "_event",
+        "_waiters",
         "_callbacks",
         "__weakref__",
     )
@@ -128,8 +132,9 @@ class _CancelState:
     # strongly so that dropping them cannot lose the callbacks. Mutated with
     # single set operations outside any lock, like _children.
     _anchored: set[_CancelState] | None
-    _event: threading.Event | None
-    _callbacks: list[tuple[DoneCallback, Context]] | None
+    # Locks held on behalf of blocked wait() calls; cancel releases them.
+    _waiters: list[threading.Lock] | None
+    _callbacks: _Chain
 
     def __init__(self, parent: _CancelState | None, deadline: float | None) -> None:
         self._lock = _LOCKS[(id(self) >> 4) % _NSTRIPES]
@@ -138,7 +143,7 @@ class _CancelState:
         self._root = None if parent is None else (parent if parent._root is None else parent._root)
         self._children = None
         self._anchored = None
-        self._event = None
+        self._waiters = None
         self._callbacks = None
         pdl = parent._deadline if parent is not None else None
         if deadline is not None and (pdl is None or deadline < pdl):
@@ -180,7 +185,11 @@ class _CancelState:
                     self._children = cur = fresh
                 if cur is target:
                     cur.add(ref)
-                    return None
+                    # A signal handler or finalizer run around add() on this
+                    # thread may have cancelled us and taken the set, with or
+                    # without the child in it: the child then inherits the
+                    # cause (cancelling it twice is harmless).
+                    return self._err
 
     def cancel(self) -> None:
         """The cancel function handed out by ``with_cancel`` and friends."""
@@ -237,8 +246,9 @@ class _CancelState:
                 st._err = cls
                 children = st._children
                 st._children = None
-                event = st._event
-                cbs = st._callbacks
+                waiters = st._waiters
+                st._waiters = None
+                chain = st._callbacks
                 st._callbacks = None
                 anchored = st._anchored
                 st._anchored = None
@@ -246,10 +256,15 @@ class _CancelState:
                 changed_self = True
             if anchored is not None:
                 anchored_kept = anchored
-            if event is not None:
-                event.set()
-            if cbs:
-                callbacks.extend(cbs)
+            if waiters:
+                for lock in waiters.copy():  # a waiter that timed out removes itself
+                    lock.release()
+            if chain is not None:
+                mine: list[tuple[DoneCallback, Context]] = []
+                while chain is not None:
+                    mine.append(chain[0])
+                    chain = chain[1]
+                callbacks.extend(reversed(mine))  # in registration order
                 st._unanchor()
             if children:
                 snap = children.copy()
@@ -273,19 +288,15 @@ class _CancelState:
     def _add_callback(self, fn: DoneCallback, ctx: Context) -> bool:
         """Register ``fn``; return False if already cancelled (caller runs it)."""
         item = (fn, ctx)
-        fresh: list[tuple[DoneCallback, Context]] | None = (
-            [] if self._callbacks is None else None
-        )
-        with self._lock:
-            if self._err is not None:
-                return False
-            cbs = self._callbacks
-            if cbs is None:
-                # Only cancel() resets it to None, so having read it non-None
-                # outside the lock we cannot find None here.
-                assert fresh is not None
-                cbs = self._callbacks = fresh
-            cbs.append(item)
+        while True:
+            head = self._callbacks
+            node = (item, head)  # allocated outside the lock
+            with self._lock:
+                if self._err is not None:
+                    return False
+                if self._callbacks is head:  # else retry on the newer chain
+                    self._callbacks = node
+                    break
         self._anchor()
         return True
 
@@ -328,33 +339,45 @@ class _CancelState:
     def _wait(self, timeout: float | None) -> bool:
         if self._get_err() is not None:
             return True
-        ev = self._event
-        if ev is None:
-            fresh = threading.Event()
-            with self._lock:
-                if self._err is None:
-                    ev = self._event
-                    if ev is None:
-                        ev = self._event = fresh
-            if ev is None:
-                return True
         end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            limit = self._deadline
-            if end is not None and (limit is None or end < limit):
-                limit = end
-            if limit is None:
-                # Plain Event.wait() stays interruptible by Ctrl-C.
-                if ev.wait():
+        waiter = threading.Lock()
+        waiter.acquire()  # cancel releases it
+        fresh: list[threading.Lock] | None = [] if self._waiters is None else None
+        waiters: list[threading.Lock] | None = None
+        try:
+            with self._lock:
+                if self._err is not None:
                     return True
-                continue
-            remaining = limit - time.monotonic()
-            if remaining > 0 and ev.wait(min(remaining, threading.TIMEOUT_MAX)):
-                return True
-            if self._get_err() is not None:
-                return True
-            if end is not None and time.monotonic() >= end:
-                return False
+                waiters = self._waiters
+                if waiters is None:
+                    # Only cancel resets it to None, and it sets _err first.
+                    assert fresh is not None
+                    waiters = self._waiters = fresh
+                waiters.append(waiter)
+                if self._err is not None:  # cancelled by a handler run around append()
+                    return True
+            while True:
+                limit = self._deadline
+                if end is not None and (limit is None or end < limit):
+                    limit = end
+                if limit is None:
+                    # A plain acquire() stays interruptible by Ctrl-C.
+                    if waiter.acquire():
+                        return True
+                    continue
+                remaining = limit - time.monotonic()
+                if remaining > 0 and waiter.acquire(True, min(remaining, threading.TIMEOUT_MAX)):
+                    return True
+                if self._get_err() is not None:
+                    return True
+                if end is not None and time.monotonic() >= end:
+                    return False
+        finally:
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:  # not reached (a Ctrl-C), or never added
+                    pass
 
 
 def _run_callback(fn: DoneCallback, ctx: Context) -> None:

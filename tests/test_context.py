@@ -573,9 +573,96 @@ print("ok", rounds)
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 def test_signal_handler_and_finalizers_using_contexts_do_not_deadlock() -> None:
+    assert _run_child(_REENTRANT_CHILD, "1.5").startswith("ok ")
+
+
+# Deterministic: a profile hook stands for the signal handler (both run on the
+# current thread around calls) and meddles at the 1st, 2nd, ... event inside
+# one context operation, until the operation has fewer events.
+_EVERY_CALL_POINT_CHILD = """
+import sys, threading
+from keyedexec.context import background
+
+def meddled(k, action, op):
+    left = [k]
+    def hook(frame, event, arg):
+        left[0] -= 1
+        if left[0] == 0:
+            action()
+    sys.setprofile(hook)
+    try:
+        op()
+    finally:
+        sys.setprofile(None)
+    return left[0] <= 0
+
+def noop(ctx):
+    pass
+
+def wait(k):
+    root, cancel_root = background().with_cancel()
+    ctx, cancel = root.with_cancel()
+    out = []
+    fallback = threading.Timer(0.05, cancel_root)  # past the last point: nobody cancels
+    fallback.start()
+    fired = meddled(k, cancel, lambda: out.append(ctx.wait(10)))
+    fallback.cancel()
+    assert out == [True]
+    return fired
+
+def derive(k):
+    parent, cancel = background().with_cancel()
+    out = []
+    def action():
+        cancel()
+        parent.with_cancel()[0].add_done_callback(noop)
+    fired = meddled(k, action, lambda: out.append(parent.with_timeout(60)[0]))
+    assert out[0].cancelled or not fired  # a child of a cancelled parent
+    return fired
+
+def add_callback(k):
+    ctx, cancel = background().with_cancel()
+    ran = []
+    fired = meddled(k, cancel, lambda: ctx.add_done_callback(ran.append))
+    cancel()
+    assert ran == [ctx], ran  # exactly once
+    return fired
+
+def cancel(k):
+    root, cancel_root = background().with_cancel()
+    kids = [root.with_cancel() for _ in range(3)]
+    ran = []
+    for c, _ in kids:
+        c.add_done_callback(ran.append)
+    def action():
+        kids[1][1]()
+        root.with_cancel()[0].add_done_callback(ran.append)
+        cancel_root()
+    fired = meddled(k, action, cancel_root)
+    # Each callback exactly once: the kids', and the one the action added.
+    assert len(ran) == len(set(map(id, ran))) == 3 + fired, ran
+    assert {id(c) for c, _ in kids} <= set(map(id, ran)), ran
+    return fired
+
+for check in (wait, derive, add_callback, cancel):
+    k = 1
+    while check(k):
+        k += 1
+    assert k > 5, (check.__name__, k)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_reentrant_use_at_every_call_point_of_a_context_operation() -> None:
+    assert _run_child(_EVERY_CALL_POINT_CHILD) == "ok\n"
+
+
+def _run_child(code: str, *args: str) -> str:
+    """Run ``code`` in a child interpreter; its stdout. A hang fails the test."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _REENTRANT_CHILD, "1.5"],
+            [sys.executable, "-c", code, *args],
             capture_output=True,
             text=True,
             timeout=20,
@@ -584,7 +671,7 @@ def test_signal_handler_and_finalizers_using_contexts_do_not_deadlock() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the child deadlocked")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("ok "), (proc.stdout, proc.stderr)
+    return proc.stdout
 
 
 def test_callbacks_of_dropped_children_run_on_ancestor_cancel() -> None:
