@@ -22,7 +22,18 @@ Design notes (why it looks the way it does):
   picked by identity. A lock is never held while taking another, nor while
   allocating container objects (which could start the cyclic GC and run
   arbitrary finalizers), nor while running user code, so striping cannot
-  deadlock. A :class:`threading.Event` is created only when someone waits.
+  deadlock between threads.
+* Signal handlers and finalizers may use contexts. CPython runs them on the
+  current thread around any call, possibly while that thread holds a stripe,
+  and such a handler may take the same stripe again (same state or a
+  neighbour). So the stripes are reentrant locks, and a locked section makes
+  at most one call (a ``set.add`` or ``list.append``) and re-reads the state
+  after it, so that a nested section works as if it ran before or after the
+  interrupted one. Done callbacks are an immutable chain swapped in with plain
+  attribute access, since exactly-once could not survive a re-entered append.
+  Waiting uses a private lock per waiter, which cancel releases: that never
+  blocks, where ``threading.Event.set`` would deadlock in a handler that
+  interrupted a wait on the same event.
 * No timer threads: deadlines are checked lazily, by ``err()``, ``cancelled``
   and ``wait()`` (which sleeps no longer than the time left). The first
   observation that a deadline passed cancels, with :class:`DeadlineExceeded`,
@@ -31,23 +42,28 @@ Design notes (why it looks the way it does):
   it or at a context sharing its deadline, not at the exact instant.
 * A parent holds its cancellable children through weak references, removed when
   a child is garbage-collected or cancelled, so a long-lived parent never
-  accumulates dead children.
+  accumulates dead children. A state with done callbacks still to run must
+  outlive its last outside reference, though: an ancestor's cancel has to reach
+  it. While it has some, the root of its tree (the topmost state) holds it
+  strongly, in ``_anchored``; that keeps its ancestors alive too (children
+  hold their parents strongly). Cancelling it releases it.
+* ``err()`` returns a new exception each call: raising an exception appends the
+  raiser's frames to its ``__traceback__``, so one shared instance, raised by
+  every skipped task's future, would keep all those frames alive.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from ._report import logger
 from .errors import Cancelled, DeadlineExceeded
 
 __all__ = ["Context", "background"]
-
-_log = logging.getLogger("keyedexec")
 
 _MSG: dict[type[Cancelled], str] = {
     Cancelled: "context canceled",
@@ -57,13 +73,16 @@ _MSG: dict[type[Cancelled], str] = {
 # Striped locks: a fixed pool shared by all states, so creating a context
 # allocates no lock. 64 stripes keep false sharing between unrelated contexts
 # rare; correctness never depends on two states having different stripes.
+# Reentrant, for signal handlers and finalizers (see the module notes).
 _NSTRIPES = 64
-_LOCKS = tuple(threading.Lock() for _ in range(_NSTRIPES))
+_LOCKS = tuple(threading.RLock() for _ in range(_NSTRIPES))
 
 # Marks a context node that carries no value (a cancellation node).
 _NO_KEY: Any = object()
 
 DoneCallback = Callable[["Context"], object]
+# Done callbacks, newest first: ((fn, ctx), older) ... None.
+_Chain = Optional[tuple[tuple[DoneCallback, "Context"], "_Chain"]]
 
 
 def _check_seconds(name: str, x: object) -> float:
@@ -85,34 +104,46 @@ class _CancelState:
         "_deadline",
         "_dl_owner",
         "_parent",
+        "_root",
         "_children",
-        "_event",
+        "_anchored",
+        "_waiters",
         "_callbacks",
         "__weakref__",
     )
 
-    _lock: threading.Lock
-    _err: Cancelled | None
+    _lock: threading.RLock
+    # The cause once cancelled: Cancelled or DeadlineExceeded (err() makes the instance).
+    _err: type[Cancelled] | None
     # Effective deadline: min(own, parent's).
     _deadline: float | None
     # The ancestor whose deadline this is; None when it is our own (or none).
     # Expiry cancels the owner, so siblings sharing the deadline see it too.
     _dl_owner: _CancelState | None
     _parent: _CancelState | None
+    # The topmost state of the tree; None when it is this one.
+    _root: _CancelState | None
     # Weak references to registered child states. Only ever mutated with single
     # set operations (add/discard/copy/clear), which are atomic in CPython with
     # or without the GIL: weakref callbacks run from the GC in any thread at any
-    # moment and so must not take our (non-reentrant) locks.
+    # moment, so removal must not wait for a lock.
     _children: set[weakref.ref[_CancelState]] | None
-    _event: threading.Event | None
-    _callbacks: list[tuple[DoneCallback, Context]] | None
+    # On a root only: the descendants with done callbacks still to run, held
+    # strongly so that dropping them cannot lose the callbacks. Mutated with
+    # single set operations outside any lock, like _children.
+    _anchored: set[_CancelState] | None
+    # Locks held on behalf of blocked wait() calls; cancel releases them.
+    _waiters: list[threading.Lock] | None
+    _callbacks: _Chain
 
     def __init__(self, parent: _CancelState | None, deadline: float | None) -> None:
         self._lock = _LOCKS[(id(self) >> 4) % _NSTRIPES]
         self._err = None
         self._parent = parent
+        self._root = None if parent is None else (parent if parent._root is None else parent._root)
         self._children = None
-        self._event = None
+        self._anchored = None
+        self._waiters = None
         self._callbacks = None
         pdl = parent._deadline if parent is not None else None
         if deadline is not None and (pdl is None or deadline < pdl):
@@ -148,21 +179,25 @@ class _CancelState:
             with self._lock:
                 err = self._err
                 if err is not None:
-                    return type(err)
+                    return err
                 cur = self._children
                 if cur is None and fresh is not None:
                     self._children = cur = fresh
                 if cur is target:
                     cur.add(ref)
-                    return None
+                    # A signal handler or finalizer run around add() on this
+                    # thread may have cancelled us and taken the set, with or
+                    # without the child in it: the child then inherits the
+                    # cause (cancelling it twice is harmless).
+                    return self._err
 
     def cancel(self) -> None:
         """The cancel function handed out by ``with_cancel`` and friends."""
         if self._err is None:
             self._cancel(Cancelled, remove=True)
 
-    def _check_deadline(self) -> Cancelled | None:
-        """Slow path of ``err()``: cancel if the deadline passed; return err."""
+    def _check_deadline(self) -> type[Cancelled] | None:
+        """Slow path of ``err()``: cancel if the deadline passed; return the cause."""
         dl = self._deadline
         if dl is not None and self._err is None and time.monotonic() >= dl:
             owner = self._dl_owner
@@ -174,7 +209,7 @@ class _CancelState:
                 self._cancel(DeadlineExceeded, remove=True)
         return self._err
 
-    def _get_err(self) -> Cancelled | None:
+    def _get_err(self) -> type[Cancelled] | None:
         err = self._err
         if err is not None or self._deadline is None:
             return err
@@ -184,11 +219,14 @@ class _CancelState:
         """Cancel this state and its subtree; first cause wins.
 
         Marks the whole subtree first and runs callbacks afterwards, so a
-        callback that raises (even KeyboardInterrupt) cannot leave part of the
-        tree uncancelled. Iterative, so deep chains cannot hit the recursion limit.
+        callback cannot leave part of the tree uncancelled. Iterative, so deep
+        chains cannot hit the recursion limit.
         """
         todo: list[tuple[_CancelState, type[Cancelled]]] = [(self, cause)]
         callbacks: list[tuple[DoneCallback, Context]] = []
+        # A cancelled root's _anchored set, kept until the walk below has
+        # reached the descendants that only it keeps alive.
+        anchored_kept: set[_CancelState] | None = None
         changed_self = False
         while todo:
             st, cls = todo.pop()
@@ -202,22 +240,32 @@ class _CancelState:
                 # The deadline passed before anyone cancelled: in Go the timer
                 # would have fired already, so report DeadlineExceeded.
                 cls = DeadlineExceeded
-            err = cls(_MSG[cls])
             with st._lock:
                 if st._err is not None:
                     continue
-                st._err = err
+                st._err = cls
                 children = st._children
                 st._children = None
-                event = st._event
-                cbs = st._callbacks
+                waiters = st._waiters
+                st._waiters = None
+                chain = st._callbacks
                 st._callbacks = None
+                anchored = st._anchored
+                st._anchored = None
             if st is self:
                 changed_self = True
-            if event is not None:
-                event.set()
-            if cbs:
-                callbacks.extend(cbs)
+            if anchored is not None:
+                anchored_kept = anchored
+            if waiters:
+                for lock in waiters.copy():  # a waiter that timed out removes itself
+                    lock.release()
+            if chain is not None:
+                mine: list[tuple[DoneCallback, Context]] = []
+                while chain is not None:
+                    mine.append(chain[0])
+                    chain = chain[1]
+                callbacks.extend(reversed(mine))  # in registration order
+                st._unanchor()
             if children:
                 snap = children.copy()
                 # Breaks the set <-> weakref-callback cycle so it is freed now.
@@ -226,6 +274,7 @@ class _CancelState:
                     child = ref()
                     if child is not None:
                         todo.append((child, cls))
+        del anchored_kept
         if remove and changed_self:
             parent = self._parent
             if parent is not None:
@@ -239,58 +288,108 @@ class _CancelState:
     def _add_callback(self, fn: DoneCallback, ctx: Context) -> bool:
         """Register ``fn``; return False if already cancelled (caller runs it)."""
         item = (fn, ctx)
-        fresh: list[tuple[DoneCallback, Context]] | None = (
-            [] if self._callbacks is None else None
-        )
-        with self._lock:
-            if self._err is not None:
-                return False
-            cbs = self._callbacks
-            if cbs is None:
-                # Only cancel() resets it to None, so having read it non-None
-                # outside the lock we cannot find None here.
-                assert fresh is not None
-                cbs = self._callbacks = fresh
-            cbs.append(item)
-            return True
+        while True:
+            head = self._callbacks
+            node = (item, head)  # allocated outside the lock
+            with self._lock:
+                if self._err is not None:
+                    return False
+                if self._callbacks is head:  # else retry on the newer chain
+                    self._callbacks = node
+                    break
+        self._anchor()
+        return True
+
+    def _anchor(self) -> None:
+        """Have the root hold this state while it has callbacks to run."""
+        root = self._root
+        if root is None:
+            return  # nothing above can cancel a root
+        anchored = root._anchored
+        if anchored is None:
+            fresh: set[_CancelState] = set()
+            with root._lock:
+                if root._err is None:
+                    anchored = root._anchored
+                    if anchored is None:
+                        anchored = root._anchored = fresh
+            if anchored is None:
+                # The root is cancelled but its cascade may not have reached us
+                # yet, and nothing keeps us alive till it does: finish it here,
+                # with the cause of our nearest cancelled ancestor.
+                up = self._parent
+                while up is not None and up._err is None:
+                    up = up._parent
+                assert up is not None and up._err is not None
+                self._cancel(up._err, remove=False)
+                return
+        anchored.add(self)
+        if self._err is not None:
+            # Cancelled meanwhile: its callbacks are taken, and the canceller
+            # may have looked for us before we were added.
+            anchored.discard(self)
+
+    def _unanchor(self) -> None:
+        root = self._root
+        if root is not None:
+            anchored = root._anchored
+            if anchored is not None:
+                anchored.discard(self)
 
     def _wait(self, timeout: float | None) -> bool:
         if self._get_err() is not None:
             return True
-        ev = self._event
-        if ev is None:
-            fresh = threading.Event()
-            with self._lock:
-                if self._err is None:
-                    ev = self._event
-                    if ev is None:
-                        ev = self._event = fresh
-            if ev is None:
-                return True
         end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            limit = self._deadline
-            if end is not None and (limit is None or end < limit):
-                limit = end
-            if limit is None:
-                # Plain Event.wait() stays interruptible by Ctrl-C.
-                if ev.wait():
+        waiter = threading.Lock()
+        waiter.acquire()  # cancel releases it
+        fresh: list[threading.Lock] | None = [] if self._waiters is None else None
+        waiters: list[threading.Lock] | None = None
+        try:
+            with self._lock:
+                if self._err is not None:
                     return True
-                continue
-            remaining = limit - time.monotonic()
-            if remaining > 0 and ev.wait(min(remaining, threading.TIMEOUT_MAX)):
-                return True
-            if self._get_err() is not None:
-                return True
-            if end is not None and time.monotonic() >= end:
-                return False
+                waiters = self._waiters
+                if waiters is None:
+                    # Only cancel resets it to None, and it sets _err first.
+                    assert fresh is not None
+                    waiters = self._waiters = fresh
+                waiters.append(waiter)
+                if self._err is not None:  # cancelled by a handler run around append()
+                    return True
+            while True:
+                limit = self._deadline
+                if end is not None and (limit is None or end < limit):
+                    limit = end
+                if limit is None:
+                    # A plain acquire() stays interruptible by Ctrl-C.
+                    if waiter.acquire():
+                        return True
+                    continue
+                remaining = limit - time.monotonic()
+                if remaining > 0 and waiter.acquire(True, min(remaining, threading.TIMEOUT_MAX)):
+                    return True
+                if self._get_err() is not None:
+                    return True
+                if end is not None and time.monotonic() >= end:
+                    return False
+        finally:
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:  # not reached (a Ctrl-C), or never added
+                    pass
 
 
 def _run_callback(fn: DoneCallback, ctx: Context) -> None:
+    """Run a done callback; log whatever it raises (BaseException included),
+    so that it can neither stop the other callbacks nor escape from cancel()."""
     try:
         fn(ctx)
-    except Exception:
-        _log.exception("keyedexec: context done callback %r raised", fn)
+    except BaseException as exc:
+        # Lazy %r: a callable whose repr raises is the logging handler's problem.
+        logger.error(
+            "context done callback %r raised", fn, exc_info=(type(exc), exc, exc.__traceback__)
+        )
 
 
 class Context:
@@ -363,15 +462,25 @@ class Context:
         return default
 
     def err(self) -> Cancelled | None:
-        """``None`` while live; then the :class:`Cancelled` or
-        :class:`DeadlineExceeded` that ended it (the same instance every call)."""
+        """``None`` while live; then a :class:`Cancelled` or :class:`DeadlineExceeded`
+        saying what ended it.
+
+        Each call returns a new exception (so raising it never keeps an earlier
+        raiser's frames alive): compare causes by type, e.g.
+        ``isinstance(ctx.err(), DeadlineExceeded)``, not by identity. The cause
+        never changes once set.
+        """
         st = self._state
         if st is None:
             return None
-        err = st._err
-        if err is not None or st._deadline is None:
-            return err
-        return st._check_deadline()
+        cause = st._err
+        if cause is None:
+            if st._deadline is None:
+                return None
+            cause = st._check_deadline()
+            if cause is None:
+                return None
+        return cause(_MSG[cause])
 
     @property
     def cancelled(self) -> bool:
@@ -420,9 +529,13 @@ class Context:
         """Call ``fn(self)`` once when this context is cancelled.
 
         Runs at once, in this thread, if already cancelled; otherwise in the
-        thread that cancels (or first observes the deadline). Exceptions are
-        logged on the ``keyedexec`` logger, never raised. On a context that can
-        never be cancelled, ``fn`` is dropped without being stored.
+        thread that cancels (or first observes the deadline). ``fn`` runs even if
+        nothing else references this context any more: until then the context is
+        kept alive (by the topmost cancellable ancestor, as Go's ``AfterFunc``).
+        Whatever ``fn`` raises, KeyboardInterrupt and SystemExit included, is
+        logged on the ``keyedexec`` logger, never raised, and the other
+        callbacks still run. On a context that can never be cancelled, ``fn`` is
+        dropped without being stored.
         """
         if not callable(fn):
             raise TypeError("fn must be callable")

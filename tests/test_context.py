@@ -5,10 +5,14 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +20,9 @@ from hypothesis import strategies as st
 
 from keyedexec.context import Context, background
 from keyedexec.errors import Cancelled, DeadlineExceeded
+
+# The directory holding the keyedexec package, for child interpreters.
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _registry_len(ctx: Context) -> int:
@@ -85,15 +92,14 @@ def test_values_match_dict_model(ops: list[tuple[bool, int, int]]) -> None:
 # -- cancellation ------------------------------------------------------------
 
 
-def test_cancel_idempotent_same_err_instance() -> None:
+def test_cancel_idempotent_same_cause() -> None:
     ctx, cancel = background().with_cancel()
     assert ctx.err() is None and not ctx.cancelled
     cancel()
-    err = ctx.err()
-    assert type(err) is Cancelled
+    assert type(ctx.err()) is Cancelled
     cancel()
     cancel()
-    assert ctx.err() is err
+    assert type(ctx.err()) is Cancelled
     assert ctx.cancelled
     assert "cancelled=True" in repr(ctx)
 
@@ -112,8 +118,8 @@ def test_parent_cancel_reaches_descendants() -> None:
     for c in everything:
         assert isinstance(c.err(), Cancelled)
         assert not isinstance(c.err(), DeadlineExceeded)
-    # A value child shares its cancellable parent's state (and err).
-    assert v3.err() is c2.err()
+    # A value child shares its cancellable parent's state.
+    assert v3._state is c2._state
 
 
 def test_child_cancel_does_not_affect_parent_or_sibling() -> None:
@@ -164,7 +170,7 @@ def test_timeout_gives_deadline_exceeded() -> None:
     err = ctx.err()
     assert isinstance(err, DeadlineExceeded)
     assert isinstance(err, Cancelled) and isinstance(err, TimeoutError)
-    assert ctx.err() is err
+    assert type(ctx.err()) is type(err)
     assert time.monotonic() >= dl
 
 
@@ -214,7 +220,7 @@ def test_inherited_deadline_expiry_cancels_owner_subtree() -> None:
     # so the sibling's callback runs without anyone looking at the sibling.
     assert child.wait(5) is True
     assert fired == [sibling]
-    assert isinstance(parent._state._err, DeadlineExceeded)  # type: ignore[union-attr]
+    assert parent._state._err is DeadlineExceeded  # type: ignore[union-attr]
     assert isinstance(sibling.err(), DeadlineExceeded)
 
 
@@ -302,6 +308,8 @@ def test_wait_interruptible_by_sigint() -> None:
         if not interrupted.wait(2):
             cancel()  # safety net: unblock the wait if the signal did not
 
+    # Whatever this process inherited (a background job ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=interrupt, daemon=True)
     t.start()
     try:
@@ -310,6 +318,8 @@ def test_wait_interruptible_by_sigint() -> None:
     finally:
         interrupted.set()
         t.join(5)
+        if previous is not None:  # None: set outside Python, cannot be restored
+            signal.signal(signal.SIGINT, previous)
     assert not ctx.cancelled  # woken by the signal, not by the safety net
 
 
@@ -504,3 +514,298 @@ def test_context_constructor_gives_root_like_context() -> None:
     ctx = Context()
     assert ctx is not background()
     assert not ctx.cancelled and ctx.deadline is None and ctx.value("k") is None
+
+
+# -- adversarial review (issue 18) -------------------------------------------
+
+# Runs in a child interpreter for a bounded time: a signal handler, and
+# finalizers started by the cyclic GC, cancel and derive contexts while the main
+# loop derives, registers callbacks and cancels. A deadlock shows as a timeout.
+_REENTRANT_CHILD = """
+import gc, signal, sys, time
+from keyedexec.context import background
+
+def noop(ctx):
+    pass
+
+current = {}
+
+def meddle():
+    root = current.get("root")
+    if root is not None:
+        current["cancel"]()
+        child, cancel = root.with_cancel()
+        child.add_done_callback(noop)
+        cancel()
+
+def on_alarm(signum, frame):
+    meddle()
+    signal.setitimer(signal.ITIMER_REAL, 0.0002)  # re-armed here: handlers never nest
+
+class Finalized:
+    def __init__(self):
+        self.me = self  # cyclic: freed by the GC, at an arbitrary point
+    def __del__(self):
+        meddle()
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.0002)
+gc.set_threshold(50)
+rounds = 0
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    root, cancel = background().with_cancel()
+    current["root"], current["cancel"] = root, cancel
+    for _ in range(200):
+        child, cancel_child = root.with_timeout(60)
+        child.add_done_callback(noop)
+        child.wait(0)
+        Finalized()
+        if rounds % 2:
+            cancel_child()
+    cancel()
+    rounds += 1
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+print("ok", rounds)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_signal_handler_and_finalizers_using_contexts_do_not_deadlock() -> None:
+    assert _run_child(_REENTRANT_CHILD, "1.5").startswith("ok ")
+
+
+# Deterministic: a profile hook stands for the signal handler (both run on the
+# current thread around calls) and meddles at the 1st, 2nd, ... event inside
+# one context operation, until the operation has fewer events.
+_EVERY_CALL_POINT_CHILD = """
+import sys, threading
+from keyedexec.context import background
+
+def meddled(k, action, op):
+    left = [k]
+    def hook(frame, event, arg):
+        left[0] -= 1
+        if left[0] == 0:
+            action()
+    sys.setprofile(hook)
+    try:
+        op()
+    finally:
+        sys.setprofile(None)
+    return left[0] <= 0
+
+def noop(ctx):
+    pass
+
+def wait(k):
+    root, cancel_root = background().with_cancel()
+    ctx, cancel = root.with_cancel()
+    out = []
+    fallback = threading.Timer(0.05, cancel_root)  # past the last point: nobody cancels
+    fallback.start()
+    fired = meddled(k, cancel, lambda: out.append(ctx.wait(10)))
+    fallback.cancel()
+    assert out == [True]
+    return fired
+
+def derive(k):
+    parent, cancel = background().with_cancel()
+    out = []
+    def action():
+        cancel()
+        parent.with_cancel()[0].add_done_callback(noop)
+    fired = meddled(k, action, lambda: out.append(parent.with_timeout(60)[0]))
+    assert out[0].cancelled or not fired  # a child of a cancelled parent
+    return fired
+
+def add_callback(k):
+    ctx, cancel = background().with_cancel()
+    ran = []
+    fired = meddled(k, cancel, lambda: ctx.add_done_callback(ran.append))
+    cancel()
+    assert ran == [ctx], ran  # exactly once
+    return fired
+
+def cancel(k):
+    root, cancel_root = background().with_cancel()
+    kids = [root.with_cancel() for _ in range(3)]
+    ran = []
+    for c, _ in kids:
+        c.add_done_callback(ran.append)
+    def action():
+        kids[1][1]()
+        root.with_cancel()[0].add_done_callback(ran.append)
+        cancel_root()
+    fired = meddled(k, action, cancel_root)
+    # Each callback exactly once: the kids', and the one the action added.
+    assert len(ran) == len(set(map(id, ran))) == 3 + fired, ran
+    assert {id(c) for c, _ in kids} <= set(map(id, ran)), ran
+    return fired
+
+for check in (wait, derive, add_callback, cancel):
+    k = 1
+    while check(k):
+        k += 1
+    assert k > 5, (check.__name__, k)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_reentrant_use_at_every_call_point_of_a_context_operation() -> None:
+    assert _run_child(_EVERY_CALL_POINT_CHILD) == "ok\n"
+
+
+def _run_child(code: str, *args: str) -> str:
+    """Run ``code`` in a child interpreter; its stdout. A hang fails the test."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "PYTHONPATH": _PROJECT_ROOT},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child deadlocked")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_callbacks_of_dropped_children_run_on_ancestor_cancel() -> None:
+    root, cancel = background().with_cancel()
+    ran: list[int] = []
+    for i in range(1000):
+        child = root.with_cancel()[0]  # its cancel function is dropped at once
+        child.add_done_callback(lambda _, i=i: ran.append(i))
+    del child
+    # A dropped intermediate context with no callback of its own still passes
+    # cancellation on to its children's callbacks.
+    middle = root.with_value("k", 1).with_cancel()[0]
+    leaf = middle.with_timeout(60)[0]
+    leaf.add_done_callback(lambda _: ran.append(-1))
+    del middle, leaf
+    gc.collect()
+    cancel()
+    assert sorted(ran) == [-1, *range(1000)]
+
+
+@pytest.mark.timeout(10)
+def test_callbacks_of_dropped_children_run_on_ancestor_deadline() -> None:
+    root = background().with_timeout(0.05)[0]
+    ran: list[str] = []
+    child = root.with_cancel()[0]
+    child.add_done_callback(lambda c: ran.append(type(c.err()).__name__))
+    del child
+    gc.collect()
+    assert root.wait(5)
+    assert ran == ["DeadlineExceeded"]
+
+
+def test_fired_callbacks_release_their_contexts() -> None:
+    """Only pending callbacks keep a dropped context alive: once they ran (or
+    the context was cancelled), it and its callback-less ancestors are freed."""
+    root, cancel_root = background().with_cancel()
+    refs = []
+    for i in range(100):
+        middle, cancel_middle = root.with_cancel()
+        leaf, cancel_leaf = middle.with_cancel()
+        leaf.add_done_callback(lambda _: None)
+        refs += [weakref.ref(middle._state), weakref.ref(leaf._state)]  # type: ignore[arg-type]
+        (cancel_middle if i % 2 else cancel_leaf)()
+    del middle, cancel_middle, leaf, cancel_leaf
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert _registry_len(root) == 0
+    assert not root._state._anchored  # type: ignore[union-attr]
+    assert not root.cancelled
+    cancel_root()
+
+
+def test_err_is_a_fresh_exception_each_call() -> None:
+    ctx, cancel = background().with_cancel()
+    cancel()
+    first, second = ctx.err(), ctx.err()
+    assert type(first) is type(second) is Cancelled
+    assert first is not second and first.args == second.args == ("context canceled",)
+    expired, _ = background().with_timeout(0)
+    assert type(expired.err()) is DeadlineExceeded
+    assert expired.err() is not expired.err()
+
+
+def _raise_err_while_holding(ctx: Context, sentinel: object) -> None:
+    try:
+        raise ctx.err()  # type: ignore[misc]
+    except Cancelled:
+        pass
+
+
+def _skipped_result_while_holding(ex: Any, ctx: Context, sentinel: object) -> None:
+    fut = ex.submit_with_context("k", ctx, lambda c: None)
+    with pytest.raises(Cancelled):
+        fut.result(10)
+
+
+class _Sentinel:
+    """Stands for a large local in a caller's frame."""
+
+
+def test_raising_err_does_not_keep_callers_frames_alive() -> None:
+    ctx, cancel = background().with_cancel()
+    cancel()
+    refs = []
+    for _ in range(20):
+        s = _Sentinel()
+        refs.append(weakref.ref(s))
+        _raise_err_while_holding(ctx, s)
+        del s
+    gc.collect()
+    assert all(r() is None for r in refs)
+    tb = ctx.err().__traceback__  # type: ignore[union-attr]
+    assert tb is None
+
+
+def test_skipped_tasks_do_not_keep_callers_frames_alive(h: Any) -> None:
+    ex = h.executor(2)
+    ctx, cancel = background().with_cancel()
+    cancel()
+    refs = []
+    for _ in range(20):
+        s = _Sentinel()
+        refs.append(weakref.ref(s))
+        _skipped_result_while_holding(ex, ctx, s)
+        del s
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_base_exception_in_callback_is_logged_and_the_rest_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ctx, cancel = background().with_cancel()
+    child, _ = ctx.with_cancel()
+    calls: list[str] = []
+
+    def interrupt(_: Context) -> None:
+        raise KeyboardInterrupt
+
+    def leave(_: Context) -> None:
+        raise SystemExit(3)
+
+    ctx.add_done_callback(interrupt)
+    ctx.add_done_callback(lambda _: calls.append("after"))
+    child.add_done_callback(leave)
+    child.add_done_callback(lambda _: calls.append("child"))
+    with caplog.at_level(logging.ERROR, logger="keyedexec"):
+        cancel()  # must not raise
+        ctx.add_done_callback(interrupt)  # immediate call: logged, not raised
+        expired, _ = background().with_timeout(0.01)
+        expired.add_done_callback(leave)
+        time.sleep(0.02)
+        assert isinstance(expired.err(), DeadlineExceeded)  # a read never raises
+    assert sorted(calls) == ["after", "child"]
+    records = [r for r in caplog.records if r.name == "keyedexec"]
+    kinds = sorted(r.exc_info[0].__name__ for r in records if r.exc_info and r.exc_info[0])
+    assert kinds == ["KeyboardInterrupt", "KeyboardInterrupt", "SystemExit", "SystemExit"]

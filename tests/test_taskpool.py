@@ -467,7 +467,9 @@ def test_stop_timeout_with_job_ignoring_context(impl: Any, thread_guard: None) -
 
 _CTRL_C_CHILD = textwrap.dedent(
     """
-    import os, sys, threading, traceback
+    import os, signal, sys, threading, traceback
+    # Whatever the parent's disposition (a background job ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import keyedexec
     from keyedexec import TaskPool
 
