@@ -273,7 +273,7 @@ class AsyncKeyedExecutor(Generic[K]):
                 self._submit_from_thread, key, coro_fn, args, kwargs, cf, ctx
             )
         except RuntimeError:  # the loop is closed
-            cf.cancel()
+            self._forsake_threads()
             raise RuntimeError(_ENDED) from None
         return cf
 
@@ -314,6 +314,9 @@ class AsyncKeyedExecutor(Generic[K]):
         if self._loop is None:
             self._adopt(running)
         elif self._loop is not running:
+            if self._loop.is_closed():  # closed without shutdown_asyncgens()
+                self._forsake_threads()
+                raise RuntimeError(_ENDED)
             raise RuntimeError("this AsyncKeyedExecutor belongs to another event loop")
         return running
 
@@ -527,7 +530,9 @@ class AsyncKeyedExecutor(Generic[K]):
         ``cancel_futures=True`` cancels every queued job that has not started
         (futures cancelled, fire-and-forget jobs dropped); otherwise everything
         accepted runs. ``wait=True`` returns once all of it is done. Calling it
-        again is harmless.
+        again is harmless. If the executor's loop was closed without
+        ``loop.shutdown_asyncgens()``, awaiting it on another loop cancels the
+        futures of :meth:`submit_threadsafe` left pending and returns.
 
         Awaited inside a job (in its task or a task it started), ``wait=True``
         cannot wait for that job, nor for other jobs that await shutdown too
@@ -537,6 +542,10 @@ class AsyncKeyedExecutor(Generic[K]):
         Those run when the jobs in shutdown return; awaited outside any job,
         shutdown waits for them as well.
         """
+        if self._loop is not None and self._loop.is_closed():
+            self._closed = True
+            self._forsake_threads()  # nothing will ever run: only threads can be told
+            return
         self._bind()
         self._closed = True
         if cancel_futures and self._keys:
@@ -576,15 +585,19 @@ class AsyncKeyedExecutor(Generic[K]):
     def _end_with_loop(self) -> None:
         # The loop is ending (asyncio.run cleaning up): nothing will run any more.
         # Leave no future pending, least of all one a thread may block on.
-        with self._threads_lock:
-            self._loop_ended = True
-            from_threads = list(self._from_threads)
         self._closed = True
         if self._keys:
             self._drop(list(self._keys.values()))
             self._ready.clear()
         for run in list(self._runs.values()):
             run.task.cancel()  # started after asyncio.run cancelled the tasks it knew
+        self._forsake_threads()
+
+    def _forsake_threads(self) -> None:
+        # Cancel submit_threadsafe's pending futures; refuse any more.
+        with self._threads_lock:
+            self._loop_ended = True
+            from_threads = list(self._from_threads)
         for cf in from_threads:
             cf.cancel()
 

@@ -845,6 +845,47 @@ def test_threadsafe_submission_not_yet_on_the_loop_when_it_ends(
     assert not caplog.records  # no task left pending at close, no error in a callback
 
 
+def test_loop_closed_by_hand_then_shutdown_elsewhere_releases_waiting_threads(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """loop.close() without shutdown_asyncgens: shutdown() on another loop ends the futures."""
+
+    async def noop() -> None:
+        pass
+
+    async def make() -> AsyncKeyedExecutor[str]:
+        return AsyncKeyedExecutor()
+
+    loop = new_loop()
+    ex = loop.run_until_complete(make())
+    fut = ex.submit_threadsafe("k", noop)  # the loop is not running: the call waits
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            fut.result(timeout=T)
+            outcome.append("ran")
+        except cf.CancelledError:
+            outcome.append("cancelled")
+        except cf.TimeoutError:
+            outcome.append("still pending")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    loop.close()  # drops the queued call
+    asyncio.run(within(ex.shutdown()))
+    waiter.join(T + 1)
+    assert outcome == ["cancelled"]
+    with pytest.raises(RuntimeError, match="event loop .*ended"):
+        ex.submit_threadsafe("k", noop)
+
+    async def elsewhere() -> None:
+        with pytest.raises(RuntimeError, match="event loop .*ended"):
+            ex.submit("k", noop)
+
+    asyncio.run(elsewhere())
+
+
 def test_submit_threadsafe_after_shutdown_or_before_any_loop(run: Runner) -> None:
     """RuntimeError at once when closed, or when no loop is known yet."""
 
@@ -878,11 +919,24 @@ def test_submit_off_the_loop_thread_points_to_submit_threadsafe(run: Runner) -> 
 
     ex = run(main())
 
-    async def other_loop() -> None:
-        with pytest.raises(RuntimeError, match="another event loop"):
+    async def after_its_loop() -> None:
+        with pytest.raises(RuntimeError, match="event loop .*has ended"):
             ex.submit("k", noop)
 
-    run(other_loop())
+    run(after_its_loop())
+
+    first = asyncio.new_event_loop()
+    try:
+        ex = first.run_until_complete(main())
+
+        async def other_loop() -> None:
+            with pytest.raises(RuntimeError, match="another event loop"):
+                ex.submit("k", noop)
+
+        run(other_loop())
+    finally:
+        first.run_until_complete(first.shutdown_asyncgens())
+        first.close()
 
 
 def test_executor_created_outside_a_loop_binds_to_its_first(run: Runner) -> None:
