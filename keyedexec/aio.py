@@ -31,6 +31,7 @@ import contextvars
 import functools
 import inspect
 import threading
+import weakref
 from collections import deque
 from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, ParamSpec, TypeVar
 
@@ -132,13 +133,19 @@ def _reraise(exc: BaseException) -> None:
     raise exc
 
 
-async def _until_loop_ends(on_end: Callable[[], None]) -> AsyncGenerator[None, None]:
+async def _until_loop_ends(
+    executor: weakref.ref[AsyncKeyedExecutor[Any]],
+) -> AsyncGenerator[None, None]:
     # Suspended for the loop's whole life; loop.shutdown_asyncgens() (asyncio.run's
     # and asyncio.Runner's cleanup) closes it, the one signal that the loop ends.
+    # A weak reference: the executor it belongs to holds it, and must not be
+    # kept alive by it until the cycle collector runs.
     try:
         yield
     finally:
-        on_end()
+        ex = executor()
+        if ex is not None:
+            ex._end_with_loop()
 
 
 class AsyncKeyedExecutor(Generic[K]):
@@ -323,7 +330,7 @@ class AsyncKeyedExecutor(Generic[K]):
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         # Called on the loop: its async generator hooks see the watch start.
         self._loop = loop
-        watch = self._watch = _until_loop_ends(self._end_with_loop)
+        watch = self._watch = _until_loop_ends(weakref.ref(self))
         try:
             watch.asend(None).send(None)  # runs it to its yield, no task needed
         except StopIteration:

@@ -14,6 +14,7 @@ import contextvars
 import gc
 import logging
 import threading
+import weakref
 from typing import Any, Awaitable, Callable, Coroutine
 
 import pytest
@@ -973,6 +974,28 @@ def test_idle_keys_are_reclaimed_by_the_time_the_result_is_seen(run: Runner) -> 
         assert ex.metrics().workers == 0
 
     run(main())
+
+
+def test_a_dropped_executor_is_freed_without_the_cycle_collector(run: Runner) -> None:
+    """Watching for the loop's end keeps no reference cycle through the executor."""
+
+    async def job() -> int:
+        return 1
+
+    async def main() -> bool:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        async with ex:
+            assert await within(ex.submit("k", job)) == 1
+        await asyncio.sleep(0)  # the finished runner's done callback runs
+        ref = weakref.ref(ex)
+        del ex
+        return ref() is None
+
+    gc.disable()
+    try:
+        assert run(main())
+    finally:
+        gc.enable()
 
 
 def test_repr_and_properties(run: Runner) -> None:
