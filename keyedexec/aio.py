@@ -550,8 +550,8 @@ class AsyncKeyedExecutor(Generic[K]):
         shutdown waits for them as well.
         """
         if self._loop is not None and self._loop.is_closed():
-            self._closed = True
             self._forsake_threads()  # nothing will ever run: only threads can be told
+            self._closed = True
             return
         self._bind()
         self._closed = True
@@ -592,13 +592,13 @@ class AsyncKeyedExecutor(Generic[K]):
     def _end_with_loop(self) -> None:
         # The loop is ending (asyncio.run cleaning up): nothing will run any more.
         # Leave no future pending, least of all one a thread may block on.
+        self._forsake_threads()  # first: a thread that sees it closed says why
         self._closed = True
         if self._keys:
             self._drop(list(self._keys.values()))
             self._ready.clear()
         for run in list(self._runs.values()):
             run.task.cancel()  # started after asyncio.run cancelled the tasks it knew
-        self._forsake_threads()
 
     def _forsake_threads(self) -> None:
         # Cancel submit_threadsafe's pending futures; refuse any more.
