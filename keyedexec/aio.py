@@ -15,6 +15,12 @@ Each job runs as its own ``asyncio.Task``, created when its turn comes, in a
 copy of the submitter's contextvars (as ``asyncio.create_task`` would) so that
 ``asyncio.current_task()``, timeouts and cancellation inside a job concern that
 job alone.
+
+The end of the loop is seen through an async generator that the executor keeps
+suspended on it: ``loop.shutdown_asyncgens()``, which ``asyncio.run`` and
+``asyncio.Runner`` call before closing the loop, closes it, and the executor
+then cancels whatever is left, so no future (least of all one a thread waits
+on) stays pending.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import inspect
+import threading
+import weakref
 from collections import deque
-from typing import Any, Awaitable, Callable, Generic, ParamSpec, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, ParamSpec, TypeVar
 
 from ._report import log_task_error, report_failure
 from .executor import ErrorHandler, Metrics, Stats, _check_count
@@ -48,6 +57,7 @@ _Job = tuple[
 _QUEUED, _SERVED, _ORPHANED = 0, 1, 2
 
 _CLOSED = "cannot schedule new tasks after shutdown"
+_ENDED = "the event loop of this AsyncKeyedExecutor has ended"
 
 
 class _KeyState:
@@ -70,13 +80,12 @@ class _Run:
         self,
         ks: _KeyState,
         fut: asyncio.Future[Any] | None,
-        task: asyncio.Future[Any],
         waiter: asyncio.Future[None],
         runner: asyncio.Task[Any],
     ) -> None:
         self.ks = ks
         self.fut = fut
-        self.task = task
+        self.task: asyncio.Task[Any]
         self.waiter = waiter
         self.runner = runner
 
@@ -93,16 +102,50 @@ def _not_callable(fn: object) -> str:
     return msg
 
 
+# The job a task belongs to, inherited by the tasks the job starts: shutdown()
+# awaited anywhere inside a job must not wait for that job.
+_current_job: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+    "keyedexec_aio_job", default=None
+)
+
+
 def _start_job(
+    run: _Run,
     loop: asyncio.AbstractEventLoop,
     fn: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-) -> asyncio.Future[Any]:
+) -> asyncio.Task[Any]:
+    _current_job.set(run)  # in the job's own copy of the submitter's context
     aw = fn(*args, **kwargs)
-    if asyncio.iscoroutine(aw):
-        return loop.create_task(aw)
-    return asyncio.ensure_future(aw, loop=loop)  # any awaitable; TypeError otherwise
+    if not asyncio.iscoroutine(aw):
+        if not inspect.isawaitable(aw):
+            raise TypeError(f"coro_fn must return an awaitable, got {type(aw).__name__}")
+        aw = _await(aw)  # a task of its own, even when jobs return one shared future
+    return loop.create_task(aw)
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+async def _until_loop_ends(
+    executor: weakref.ref[AsyncKeyedExecutor[Any]],
+) -> AsyncGenerator[None, None]:
+    # Suspended for the loop's whole life; loop.shutdown_asyncgens() (asyncio.run's
+    # and asyncio.Runner's cleanup) closes it, the one signal that the loop ends.
+    # A weak reference: the executor it belongs to holds it, and must not be
+    # kept alive by it until the cycle collector runs.
+    try:
+        yield
+    finally:
+        ex = executor()
+        if ex is not None:
+            ex._end_with_loop()
 
 
 class AsyncKeyedExecutor(Generic[K]):
@@ -124,9 +167,16 @@ class AsyncKeyedExecutor(Generic[K]):
     ``submit``'s future cancels the job too (``asyncio.shield`` prevents it).
     Jobs run in a copy of the submitter's contextvars.
 
+    Every accepted job ends with its future done. The call ``coro_fn(...)`` is
+    part of the job: what it raises ends the job as if its task had raised it
+    (CancelledError cancels the job; KeyboardInterrupt and SystemExit fail it
+    and also propagate out of the loop, as asyncio does for tasks); the key's
+    later jobs still run.
+
     Shut it down with ``async with``, :meth:`aclose` or :meth:`shutdown`. If
-    the loop ends first (``asyncio.run`` cancelling leftover tasks), running
-    jobs are cancelled with it and queued ones never run.
+    the loop ends first (``asyncio.run`` or ``asyncio.Runner`` cleaning up),
+    running jobs are cancelled with it, queued ones are cancelled without
+    running, and later submits raise RuntimeError.
     """
 
     def __init__(
@@ -145,21 +195,30 @@ class AsyncKeyedExecutor(Generic[K]):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self._on_error: ErrorHandler = on_error or log_task_error
         self._name = name
-        self._loop: asyncio.AbstractEventLoop | None
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._keys: dict[Any, _KeyState] = {}
         self._ready: deque[_KeyState] = deque()
         self._runners: set[asyncio.Task[Any]] = set()
         self._spawned = 0
         # Started jobs by task: keeps each task referenced until it ends (the loop
-        # holds tasks weakly) and tells shutdown() which runner a job belongs to.
+        # holds tasks weakly).
         self._runs: dict[asyncio.Future[Any], _Run] = {}
+        # Jobs awaiting shutdown(wait=True), by the future that releases each:
+        # all are set together once every runner has finished or waits for one.
+        self._in_shutdown: dict[asyncio.Future[None], _Run] = {}
+        # submit_threadsafe's futures not yet done: cancelled if the loop ends first.
+        self._from_threads: set[concurrent.futures.Future[Any]] = set()
+        self._threads_lock = threading.Lock()
+        self._loop_ended = False
+        self._watch: AsyncGenerator[None, None] | None = None
         self._closed = False
         self._running = self._pending = 0
         self._submitted = self._completed = self._failed = self._cancelled = 0
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # bound on first use
+        self._adopt(loop)
 
     # -- submission ---------------------------------------------------------------
 
@@ -191,7 +250,9 @@ class AsyncKeyedExecutor(Generic[K]):
 
         The job is queued when the loop next runs its callbacks: calls from one
         thread keep their order. Cancelling the returned future cancels the job
-        (queued or running), as with :meth:`submit`.
+        (queued or running), as with :meth:`submit`. If the loop ends before
+        the job does, the future is cancelled, so a thread blocked on its
+        result wakes up; once the loop has ended this raises RuntimeError.
         """
         if not callable(coro_fn):
             raise TypeError(_not_callable(coro_fn))
@@ -200,7 +261,7 @@ class AsyncKeyedExecutor(Generic[K]):
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         if self._closed:
-            raise RuntimeError(_CLOSED)
+            raise RuntimeError(_ENDED if self._loop_ended else _CLOSED)
         loop = self._loop
         if loop is None:
             raise RuntimeError(
@@ -208,9 +269,24 @@ class AsyncKeyedExecutor(Generic[K]):
                 "or use it in the loop (submit or 'async with') first"
             )
         cf: concurrent.futures.Future[R] = concurrent.futures.Future()
+        with self._threads_lock:  # against _end_with_loop: each future is refused or cancelled
+            if self._loop_ended:
+                raise RuntimeError(_ENDED)
+            self._from_threads.add(cf)
+        cf.add_done_callback(self._forget_thread_future)
         ctx = contextvars.copy_context()
-        loop.call_soon_threadsafe(self._submit_from_thread, key, coro_fn, args, kwargs, cf, ctx)
+        try:
+            loop.call_soon_threadsafe(
+                self._submit_from_thread, key, coro_fn, args, kwargs, cf, ctx
+            )
+        except RuntimeError:  # the loop is closed
+            self._forsake_threads()
+            raise RuntimeError(_ENDED) from None
         return cf
+
+    def _forget_thread_future(self, cf: concurrent.futures.Future[Any]) -> None:
+        with self._threads_lock:
+            self._from_threads.discard(cf)
 
     def _submit_from_thread(
         self,
@@ -243,10 +319,22 @@ class AsyncKeyedExecutor(Generic[K]):
                 "from other threads use submit_threadsafe()"
             ) from None
         if self._loop is None:
-            self._loop = running
+            self._adopt(running)
         elif self._loop is not running:
+            if self._loop.is_closed():  # closed without shutdown_asyncgens()
+                self._forsake_threads()
+                raise RuntimeError(_ENDED)
             raise RuntimeError("this AsyncKeyedExecutor belongs to another event loop")
         return running
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Called on the loop: its async generator hooks see the watch start.
+        self._loop = loop
+        watch = self._watch = _until_loop_ends(weakref.ref(self))
+        try:
+            watch.asend(None).send(None)  # runs it to its yield, no task needed
+        except StopIteration:
+            pass
 
     def _push(
         self,
@@ -285,7 +373,7 @@ class AsyncKeyedExecutor(Generic[K]):
             self._loop.create_task, self._serve(), name=f"{self._name}-runner-{self._spawned}"
         )
         self._runners.add(task)
-        task.add_done_callback(self._runners.discard)  # also if cancelled before it started
+        task.add_done_callback(self._runner_gone)  # also if cancelled before it started
 
     async def _serve(self) -> None:
         me = asyncio.current_task()
@@ -317,7 +405,12 @@ class AsyncKeyedExecutor(Generic[K]):
         finally:
             # Leave the set now, not in the done callback that runs later: a
             # submit in between must know that this runner takes no more keys.
-            self._runners.discard(me)
+            self._runner_gone(me)
+
+    def _runner_gone(self, runner: asyncio.Task[Any]) -> None:
+        self._runners.discard(runner)
+        if self._in_shutdown:
+            self._release_shutdown_waiters()
 
     def _release(self, ks: _KeyState) -> None:
         # A runner lets go of a key: back in line if it has work, else freed.
@@ -335,15 +428,19 @@ class AsyncKeyedExecutor(Generic[K]):
             return None
         loop = self._loop
         assert loop is not None
+        run = _Run(ks, fut, loop.create_future(), runner)
         try:
-            task = ctx.run(_start_job, loop, fn, args, kwargs)
-        except Exception as exc:  # the call raised, or returned no awaitable: the job failed
-            self._completed += 1
-            self._failed += 1
-            self._fail(ks.key, fut, exc)
+            task = run.task = ctx.run(_start_job, run, loop, fn, args, kwargs)
+        except BaseException as exc:
+            # The call raised, or returned no awaitable: the job ends as its task would.
+            if isinstance(exc, asyncio.CancelledError):
+                self._cancel(fut)
+            else:
+                self._fail(ks.key, fut, exc)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    loop.call_soon(_reraise, exc)  # out of the loop, as from a task
             return None
         self._running += 1
-        run = _Run(ks, fut, task, loop.create_future(), runner)
         self._runs[task] = run
         task.add_done_callback(self._finish)
         if fut is not None:
@@ -363,21 +460,28 @@ class AsyncKeyedExecutor(Generic[K]):
         if fut is not None:
             fut.remove_done_callback(run.future_done)
         if task.cancelled():
-            self._cancelled += 1
-            if fut is not None:
-                fut.cancel()
+            self._cancel(fut)
         else:
-            self._completed += 1
             exc = task.exception()
             if exc is not None:
-                self._failed += 1
                 self._fail(ks.key, fut, exc)
-            elif fut is not None and not fut.done():
-                fut.set_result(task.result())
+            else:
+                self._completed += 1
+                if fut is not None and not fut.done():
+                    fut.set_result(task.result())
         if not run.waiter.done():
             run.waiter.set_result(None)
 
+    def _cancel(self, fut: asyncio.Future[Any] | None) -> None:
+        # A job ended cancelled: counted, and its future cancelled.
+        self._cancelled += 1
+        if fut is not None:
+            fut.cancel()
+
     def _fail(self, key: Any, fut: asyncio.Future[Any] | None, exc: BaseException) -> None:
+        # A job ended by an exception: counted, and to its future or on_error.
+        self._completed += 1
+        self._failed += 1
         if fut is not None:
             if not fut.done():
                 if isinstance(exc, StopIteration):  # asyncio futures refuse it
@@ -433,9 +537,22 @@ class AsyncKeyedExecutor(Generic[K]):
         ``cancel_futures=True`` cancels every queued job that has not started
         (futures cancelled, fire-and-forget jobs dropped); otherwise everything
         accepted runs. ``wait=True`` returns once all of it is done. Calling it
-        again is harmless. Awaited from inside a job, it does not wait for that
-        job's own runner (it would wait for itself).
+        again is harmless. If the executor's loop was closed without
+        ``loop.shutdown_asyncgens()``, awaiting it on another loop cancels the
+        futures of :meth:`submit_threadsafe` left pending and returns.
+
+        Awaited inside a job (in its task or a task it started), ``wait=True``
+        cannot wait for that job, nor for other jobs that await shutdown too
+        (each would wait for the other): it returns once every other job has
+        finished, or awaits shutdown itself, or cannot start before one of
+        those ends (queued behind it on its key, or for want of a free slot).
+        Those run when the jobs in shutdown return; awaited outside any job,
+        shutdown waits for them as well.
         """
+        if self._loop is not None and self._loop.is_closed():
+            self._forsake_threads()  # nothing will ever run: only threads can be told
+            self._closed = True
+            return
         self._bind()
         self._closed = True
         if cancel_futures and self._keys:
@@ -446,13 +563,50 @@ class AsyncKeyedExecutor(Generic[K]):
         # Queued keys whose runners were cancelled from outside get new ones.
         for _ in range(min(len(self._ready), self._concurrency - len(self._runners))):
             self._spawn()
-        me = asyncio.current_task()
-        own = self._runs[me].runner if me in self._runs else None
-        while True:
-            others = [t for t in self._runners if t is not own and not t.done()]
-            if not others:
-                return
-            await asyncio.wait(others)
+        run = _current_job.get()
+        if run is None or run.waiter.done() or run.runner not in self._runners:
+            while True:  # not inside one of our jobs: wait for everything
+                runners = [t for t in self._runners if not t.done()]
+                if not runners:
+                    return
+                await asyncio.wait(runners)
+        assert self._loop is not None
+        released = self._loop.create_future()
+        self._in_shutdown[released] = run
+        try:
+            self._release_shutdown_waiters()  # this job may be the last one they wait for
+            await released
+        finally:
+            self._in_shutdown.pop(released, None)
+
+    def _release_shutdown_waiters(self) -> None:
+        # Release the jobs awaiting shutdown, all at once, when every runner has
+        # finished or waits for one of them: nothing else can make progress.
+        parked = {run.runner for run in self._in_shutdown.values()}
+        if all(t in parked or t.done() for t in self._runners):
+            for released in self._in_shutdown:
+                if not released.done():
+                    released.set_result(None)
+            self._in_shutdown.clear()
+
+    def _end_with_loop(self) -> None:
+        # The loop is ending (asyncio.run cleaning up): nothing will run any more.
+        # Leave no future pending, least of all one a thread may block on.
+        self._forsake_threads()  # first: a thread that sees it closed says why
+        self._closed = True
+        if self._keys:
+            self._drop(list(self._keys.values()))
+            self._ready.clear()
+        for run in list(self._runs.values()):
+            run.task.cancel()  # started after asyncio.run cancelled the tasks it knew
+
+    def _forsake_threads(self) -> None:
+        # Cancel submit_threadsafe's pending futures; refuse any more.
+        with self._threads_lock:
+            self._loop_ended = True
+            from_threads = list(self._from_threads)
+        for cf in from_threads:
+            cf.cancel()
 
     async def aclose(self) -> None:
         """``await shutdown(wait=True)``: run everything accepted, then return."""

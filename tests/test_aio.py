@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextvars
+import gc
 import logging
 import threading
+import weakref
 from typing import Any, Awaitable, Callable, Coroutine
 
 import pytest
@@ -34,6 +36,15 @@ def run(request: pytest.FixtureRequest) -> Runner:
         uvloop = pytest.importorskip("uvloop")
         return uvloop.run  # type: ignore[no-any-return]
     return asyncio.run
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def new_loop(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    """Makes event loops of the parametrized kind, for tests that drive a loop by hand."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
 
 
 async def within(aw: Awaitable[Any]) -> Any:
@@ -219,6 +230,89 @@ def test_coro_fn_that_raises_or_returns_no_awaitable_fails_its_future(run: Runne
                 await within(f2)
             assert await within(f3) == "plain future"
             assert ex.metrics().failed == 2
+
+    run(main())
+
+
+def test_coro_fn_raising_cancelled_error_when_called_cancels_that_job_only(run: Runner) -> None:
+    """CancelledError raised by the call itself cancels that job, as it would cancel a task."""
+    ran: list[str] = []
+
+    def cancels() -> Awaitable[None]:
+        raise asyncio.CancelledError
+
+    async def job(tag: str) -> None:
+        await asyncio.sleep(0)
+        ran.append(tag)
+
+    async def main() -> None:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor(concurrency=1)
+        gate, _ = await block(ex, "k")
+        doomed = ex.submit("k", cancels)
+        ex.execute("k", cancels)
+        later = ex.submit("k", job, "later")
+        ex.execute("other", job, "other")
+        gate.set()
+        await within(ex.shutdown())
+        assert doomed.cancelled() and later.done()
+        m = ex.metrics()
+        assert (m.cancelled, m.completed, m.failed, m.workers, m.active_keys) == (2, 3, 0, 0, 0)
+        check_counters(m)
+
+    run(main())
+    assert ran == ["later", "other"]
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_coro_fn_raising_keyboardinterrupt_or_systemexit_when_called(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], exc_type: type[BaseException]
+) -> None:
+    """As from a job's task: the future carries it and it stops the loop; the key goes on."""
+    ran: list[str] = []
+
+    def raises() -> Awaitable[None]:
+        raise exc_type("stop")
+
+    async def job(tag: str) -> None:
+        ran.append(tag)
+
+    ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+    futs: list[asyncio.Future[None]] = []
+
+    async def start() -> None:
+        futs.extend([ex.submit("k", raises), ex.submit("k", job, "later")])
+        await asyncio.sleep(T)  # the loop stops long before this ends
+
+    loop = new_loop()
+    try:
+        task = loop.create_task(start())
+        with pytest.raises(exc_type, match="stop"):
+            loop.run_until_complete(task)
+        task.cancel()
+        loop.run_until_complete(within(ex.shutdown()))  # the loop runs again: the key goes on
+        bad, later = futs
+        assert isinstance(bad.exception(), exc_type) and later.result() is None
+        assert ran == ["later"]
+        m = ex.metrics()
+        assert (m.completed, m.failed, m.workers, m.active_keys) == (2, 1, 0, 0)
+        check_counters(m)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_jobs_that_return_the_same_future_each_complete(run: Runner) -> None:
+    """Two running jobs may await one shared future: each gets its own task and result."""
+
+    async def main() -> None:
+        shared: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor(concurrency=2)
+        a, b = ex.submit("a", lambda: shared), ex.submit("b", lambda: shared)
+        while ex.metrics().running < 2:
+            await within(asyncio.sleep(0))
+        shared.set_result("once")
+        assert await within(asyncio.gather(a, b)) == ["once", "once"]
+        await within(ex.aclose())
 
     run(main())
 
@@ -527,6 +621,58 @@ def test_shutdown_awaited_from_a_job_does_not_wait_for_itself(run: Runner) -> No
     run(main())
 
 
+def test_jobs_that_each_await_shutdown_all_complete(run: Runner) -> None:
+    """A job in shutdown waits for the other jobs, except those also in shutdown."""
+
+    async def main() -> None:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor(concurrency=3)
+        gate, busy = await block(ex, "busy")
+        seen: list[tuple[str, bool]] = []
+
+        async def closer(tag: str) -> str:
+            await ex.shutdown()
+            seen.append((tag, busy.done()))
+            return tag
+
+        a, b = ex.submit("a", closer, "a"), ex.submit("b", closer, "b")
+        closing = asyncio.ensure_future(ex.shutdown())  # from outside: waits for everything
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not (a.done() or b.done() or closing.done())  # all wait for the busy job
+        gate.set()
+        assert await within(asyncio.gather(a, b)) == ["a", "b"]
+        assert sorted(seen) == [("a", True), ("b", True)]
+        await within(closing)
+        assert ex.metrics().workers == 0
+
+    run(main())
+
+
+def test_shutdown_awaited_in_a_task_a_job_started_does_not_wait_for_that_job(run: Runner) -> None:
+    """gather, wait_for (a task on Python 3.11) or create_task inside a job: still the job."""
+
+    async def main() -> None:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor(concurrency=3)
+
+        async def via_gather() -> str:
+            await asyncio.gather(ex.shutdown())
+            return "gather"
+
+        async def via_wait_for() -> str:
+            await asyncio.wait_for(ex.shutdown(), T)
+            return "wait_for"
+
+        async def via_task() -> str:
+            await asyncio.create_task(ex.shutdown())
+            return "task"
+
+        futs = [ex.submit(f.__name__, f) for f in (via_gather, via_wait_for, via_task)]
+        assert await within(asyncio.gather(*futs)) == ["gather", "wait_for", "task"]
+        await within(ex.aclose())
+
+    run(main())
+
+
 def test_async_with_drains_even_when_the_body_raises(run: Runner) -> None:
     """Leaving ``async with`` by an exception still runs what was accepted."""
     ran: list[int] = []
@@ -548,7 +694,7 @@ def test_async_with_drains_even_when_the_body_raises(run: Runner) -> None:
 
 
 def test_leftover_jobs_when_the_loop_ends_without_shutdown(run: Runner) -> None:
-    """No shutdown: asyncio.run cancels runner and job; nothing is left pending or warned."""
+    """No shutdown: asyncio.run cancels the running job and the queued one; nothing is warned."""
     seen: list[str] = []
 
     async def long() -> None:
@@ -572,7 +718,7 @@ def test_leftover_jobs_when_the_loop_ends_without_shutdown(run: Runner) -> None:
     ex = run(main())
     assert seen == ["cancelled"]
     m = ex.metrics()
-    assert (m.workers, m.running, m.pending, m.cancelled) == (0, 0, 1, 1)
+    assert (m.workers, m.running, m.pending, m.cancelled, m.active_keys) == (0, 0, 0, 2, 0)
 
 
 # -- threads and loops -------------------------------------------------------------
@@ -639,6 +785,108 @@ def test_submit_threadsafe_futures_carry_exceptions_and_cancellation(run: Runner
     run(main())
 
 
+def test_threads_blocked_on_threadsafe_futures_are_released_when_the_loop_ends(
+    run: Runner,
+) -> None:
+    """asyncio.run ends with one job running and one queued: both waiting threads see cancelled."""
+    ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+    submitted = threading.Barrier(3)
+    outcomes: list[str] = []
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    def wait_on(key: str) -> None:
+        fut = ex.submit_threadsafe(key, forever)
+        submitted.wait(T)
+        try:
+            fut.result(timeout=T)
+        except cf.CancelledError:
+            outcomes.append("cancelled")
+        except cf.TimeoutError:
+            outcomes.append("still pending")
+
+    threads = [threading.Thread(target=wait_on, args=(key,)) for key in ("running", "queued")]
+
+    async def main() -> None:
+        await block(ex, "queued")  # never released: the second job stays queued
+        for th in threads:
+            th.start()
+        await asyncio.to_thread(submitted.wait, T)
+        while ex.metrics().running < 2 or ex.pending("queued") < 1:
+            await within(asyncio.sleep(0))
+
+    run(main())  # returns with both jobs unfinished and no shutdown
+    for th in threads:
+        th.join(T + 1)
+    assert outcomes == ["cancelled", "cancelled"]
+    m = ex.metrics()
+    assert (m.running, m.pending, m.cancelled) == (0, 0, 3)
+    with pytest.raises(RuntimeError, match="event loop .*ended"):
+        ex.submit_threadsafe("k", forever)
+
+
+def test_threadsafe_submission_not_yet_on_the_loop_when_it_ends(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Queued from a thread while the loop is stopped, then the runner closes: cancelled."""
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async def make() -> AsyncKeyedExecutor[str]:
+        return AsyncKeyedExecutor()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            ex = runner.run(make())
+            fut = ex.submit_threadsafe("k", forever)  # the loop is not running: it waits
+        gc.collect()
+    assert fut.cancelled()
+    assert not caplog.records  # no task left pending at close, no error in a callback
+
+
+def test_loop_closed_by_hand_then_shutdown_elsewhere_releases_waiting_threads(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """loop.close() without shutdown_asyncgens: shutdown() on another loop ends the futures."""
+
+    async def noop() -> None:
+        pass
+
+    async def make() -> AsyncKeyedExecutor[str]:
+        return AsyncKeyedExecutor()
+
+    loop = new_loop()
+    ex = loop.run_until_complete(make())
+    fut = ex.submit_threadsafe("k", noop)  # the loop is not running: the call waits
+    outcome: list[str] = []
+
+    def wait() -> None:
+        try:
+            fut.result(timeout=T)
+            outcome.append("ran")
+        except cf.CancelledError:
+            outcome.append("cancelled")
+        except cf.TimeoutError:
+            outcome.append("still pending")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    loop.close()  # drops the queued call
+    asyncio.run(within(ex.shutdown()))
+    waiter.join(T + 1)
+    assert outcome == ["cancelled"]
+    with pytest.raises(RuntimeError, match="event loop .*ended"):
+        ex.submit_threadsafe("k", noop)
+
+    async def elsewhere() -> None:
+        with pytest.raises(RuntimeError, match="event loop .*ended"):
+            ex.submit("k", noop)
+
+    asyncio.run(elsewhere())
+
+
 def test_submit_threadsafe_after_shutdown_or_before_any_loop(run: Runner) -> None:
     """RuntimeError at once when closed, or when no loop is known yet."""
 
@@ -672,11 +920,24 @@ def test_submit_off_the_loop_thread_points_to_submit_threadsafe(run: Runner) -> 
 
     ex = run(main())
 
-    async def other_loop() -> None:
-        with pytest.raises(RuntimeError, match="another event loop"):
+    async def after_its_loop() -> None:
+        with pytest.raises(RuntimeError, match="event loop .*has ended"):
             ex.submit("k", noop)
 
-    run(other_loop())
+    run(after_its_loop())
+
+    first = asyncio.new_event_loop()
+    try:
+        ex = first.run_until_complete(main())
+
+        async def other_loop() -> None:
+            with pytest.raises(RuntimeError, match="another event loop"):
+                ex.submit("k", noop)
+
+        run(other_loop())
+    finally:
+        first.run_until_complete(first.shutdown_asyncgens())
+        first.close()
 
 
 def test_executor_created_outside_a_loop_binds_to_its_first(run: Runner) -> None:
@@ -713,6 +974,28 @@ def test_idle_keys_are_reclaimed_by_the_time_the_result_is_seen(run: Runner) -> 
         assert ex.metrics().workers == 0
 
     run(main())
+
+
+def test_a_dropped_executor_is_freed_without_the_cycle_collector(run: Runner) -> None:
+    """Watching for the loop's end keeps no reference cycle through the executor."""
+
+    async def job() -> int:
+        return 1
+
+    async def main() -> bool:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        async with ex:
+            assert await within(ex.submit("k", job)) == 1
+        await asyncio.sleep(0)  # the finished runner's done callback runs
+        ref = weakref.ref(ex)
+        del ex
+        return ref() is None
+
+    gc.disable()
+    try:
+        assert run(main())
+    finally:
+        gc.enable()
 
 
 def test_repr_and_properties(run: Runner) -> None:
