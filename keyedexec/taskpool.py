@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Generic, NamedTuple
+from typing import Any, Callable, Generic, NamedTuple, Protocol
 
 from . import _impl
 from . import _lifecycle  # noqa: F401  (registers its exit hook before ours: see below)
@@ -30,7 +30,17 @@ from .executor import _UINT32_MAX, _check_count, _check_name, _check_timeout, de
 
 __all__ = ["PoolMetrics", "TaskPool", "DEFAULT_IDLE_TIMEOUT"]
 
-Job = Callable[[Context], object]
+
+class Job(Protocol):
+    """What a TaskPool runs: any callable invoked as ``job(ctx)``.
+
+    A protocol, not ``Callable[[Context], object]``: mypy cannot infer a lambda
+    with extra defaulted parameters against a Callable type, and the loop idiom
+    ``lambda ctx, e=event: send(ctx, e)`` must type-check.
+    """
+
+    def __call__(self, ctx: Context, /) -> object: ...
+
 
 # Every pool's context descends from this one, and interpreter exit cancels it,
 # as stop() would: a job waiting on its context returns and the queued jobs are
