@@ -92,8 +92,8 @@ def _check_timeout(name: str, value: object) -> float | None:
     """Seconds as a float, or None for no limit.
 
     ``math.inf``, and anything too long for the platform's waits
-    (``threading.TIMEOUT_MAX``, about 292 years on Linux), also mean no limit,
-    as an infinite timeout does elsewhere in Python.
+    (``threading.TIMEOUT_MAX``, about 292 years on Linux), also mean no limit
+    rather than an OverflowError from deep inside a wait.
     """
     if value is None:
         return None
