@@ -42,8 +42,11 @@ EXAMPLES = ROOT / "examples"
 
 SKIP_MARKER = "<!-- not-a-program -->"
 WRAPPER = "async def _readme_snippet() -> None:"
-# The fence of a python block, with the line before it (for the skip marker).
-_BLOCK = re.compile(r"^(?P<before>[^\n]*)\n```python[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+# A python block (its fences may be indented, in a list item), with the line
+# before it (for the skip marker).
+_BLOCK = re.compile(
+    r"^(?P<before>[^\n]*)\n[ \t]*```python[ \t]*\n(?P<body>.*?)^[ \t]*```[ \t]*$", re.M | re.S
+)
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed"),
@@ -65,7 +68,7 @@ def readme_snippets() -> list[tuple[int, str]]:
         if m.group("before").strip() == SKIP_MARKER:
             continue
         first_line = text.count("\n", 0, m.start("body") - 1) + 1
-        snippets.append((first_line, m.group("body")))
+        snippets.append((first_line, textwrap.dedent(m.group("body"))))
     return snippets
 
 
@@ -85,7 +88,10 @@ def placeholders(body: str) -> list[str]:
 
 def as_module(body: str) -> tuple[str, int]:
     """The snippet as a module mypy can check, and how many lines precede the snippet."""
-    names = placeholders(body)
+    try:
+        names = placeholders(body)
+    except SyntaxError:
+        names = []  # mypy reports it, with its line
     header = [
         "from typing import Any",
         "; ".join(f"{name}: Any" for name in names) or "pass",
