@@ -36,11 +36,11 @@ from collections import deque
 from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, ParamSpec, TypeVar
 
 from ._report import log_task_error, report_failure
+from ._typevars import K
 from .executor import ErrorHandler, Metrics, Stats, _check_count
 
 __all__ = ["AsyncKeyedExecutor"]
 
-K = TypeVar("K")
 R = TypeVar("R")
 P = ParamSpec("P")
 

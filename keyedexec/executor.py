@@ -21,11 +21,11 @@ from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, Param
 from . import _impl
 from ._future import KeyedFuture
 from ._report import log_task_error
+from ._typevars import K
 from .context import Context
 
 __all__ = ["KeyView", "KeyedExecutor", "Metrics", "Stats", "default_workers"]
 
-K = TypeVar("K")
 R = TypeVar("R")
 P = ParamSpec("P")
 
@@ -72,22 +72,44 @@ def default_workers() -> int:
     return min(32, count + 4)
 
 
-def _check_count(name: str, value: object, minimum: int = 1) -> int:
+# The native core holds workers and batch as C ints and queue_size as a uint32:
+# the facades refuse anything larger up front, the same on both implementations.
+_C_INT_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+
+
+def _check_count(name: str, value: object, minimum: int = 1, maximum: int = _C_INT_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
 def _check_timeout(name: str, value: object) -> float | None:
+    """Seconds as a float, or None for no limit.
+
+    ``math.inf``, and anything too long for the platform's waits
+    (``threading.TIMEOUT_MAX``, about 292 years on Linux), also mean no limit
+    rather than an OverflowError from deep inside a wait.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value >= threading.TIMEOUT_MAX:
+        return None
     return float(value)
+
+
+def _check_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"name must be a str, got {type(value).__name__}")
+    return value
 
 
 class KeyedExecutor(Generic[K]):
@@ -128,8 +150,7 @@ class KeyedExecutor(Generic[K]):
         _check_count("batch", batch)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        _check_name(name)
         self._workers = workers
         sched = self._Scheduler(
             workers, batch=batch, name=name, on_error=on_error or log_task_error

@@ -10,24 +10,45 @@ as KeyedExecutor. What it fixes in the Go original:
   deadlocking.
 * ``stop()`` counts the queued jobs it discards (``metrics().discarded``) and
   its ``timeout`` bounds the wait for jobs that ignore their context.
+* Interpreter exit without ``stop()`` does not hang on jobs that wait on
+  their context: exit cancels it (see ``_cancel_at_exit``).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Generic, NamedTuple, TypeVar
+from typing import Any, Callable, Generic, NamedTuple, Protocol
 
 from . import _impl
+from . import _lifecycle  # noqa: F401  (registers its exit hook before ours: see below)
 from ._report import log_task_error
+from ._typevars import K
 from .context import Context, background
 from .errors import QueueFull
-from .executor import _check_count, _check_timeout, default_workers
+from .executor import _UINT32_MAX, _check_count, _check_name, _check_timeout, default_workers
 
 __all__ = ["PoolMetrics", "TaskPool", "DEFAULT_IDLE_TIMEOUT"]
 
-K = TypeVar("K")
-Job = Callable[[Context], object]
+
+class Job(Protocol):
+    """What a TaskPool runs: any callable invoked as ``job(ctx)``.
+
+    A protocol, not ``Callable[[Context], object]``: mypy cannot infer a lambda
+    with extra defaulted parameters against a Callable type, and the loop idiom
+    ``lambda ctx, e=event: send(ctx, e)`` must type-check.
+    """
+
+    def __call__(self, ctx: Context, /) -> object: ...
+
+
+# Every pool's context descends from this one, and interpreter exit cancels it,
+# as stop() would: a job waiting on its context returns and the queued jobs are
+# skipped, even in a pool dropped without stop(). The hook must run before
+# _lifecycle's, which waits for the workers: threading runs these hooks in
+# reverse order of registration, and _lifecycle (imported above) registered first.
+_exit_root, _cancel_at_exit = background().with_cancel()
+threading._register_atexit(_cancel_at_exit)  # type: ignore[attr-defined]
 
 #: Seconds a pool thread waits for work before it exits.
 DEFAULT_IDLE_TIMEOUT = 10.0
@@ -53,8 +74,9 @@ class TaskPool(Generic[K]):
 
     ``queue_size`` bounds the jobs a key may hold queued (not counting the one
     running); ``submit`` waits while the key is full. ``max_workers`` bounds
-    the threads (default ``min(32, cpus + 4)``). Every job receives the pool's
-    context, which ``stop()`` cancels.
+    the threads (default ``min(32, cpus + 4)``); an idle thread exits after
+    ``idle_timeout`` seconds (``math.inf``: never). Every job receives the
+    pool's context, which ``stop()`` cancels, and so does interpreter exit.
     """
 
     _Scheduler: Any = _impl.Scheduler
@@ -67,15 +89,15 @@ class TaskPool(Generic[K]):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         name: str = "keyedexec-pool",
     ) -> None:
-        self._queue_size = _check_count("queue_size", queue_size)
+        self._queue_size = _check_count("queue_size", queue_size, maximum=_UINT32_MAX)
         self._max_workers = (
             default_workers() if max_workers is None else _check_count("max_workers", max_workers)
         )
-        timeout = _check_timeout("idle_timeout", idle_timeout)
-        if timeout is None:
-            raise TypeError("idle_timeout must be a number of seconds")
-        self._idle_timeout = timeout
-        self._name = name
+        if idle_timeout is None:
+            raise TypeError("idle_timeout must be a number of seconds (math.inf: never), got None")
+        # None from here on: threads never retire (inf, or too long to wait for).
+        self._idle_timeout = _check_timeout("idle_timeout", idle_timeout)
+        self._name = _check_name(name)
         self._lock = threading.Lock()
         self._sched: Any = None
         self._ctx: Context | None = None
@@ -88,7 +110,7 @@ class TaskPool(Generic[K]):
             if self._stopped:
                 raise RuntimeError("TaskPool was stopped; create a new one")
             if self._sched is None:
-                self._ctx, self._cancel = background().with_cancel()
+                self._ctx, self._cancel = _exit_root.with_cancel()
                 self._sched = self._Scheduler(
                     self._max_workers,
                     queue_size=self._queue_size,
@@ -108,10 +130,11 @@ class TaskPool(Generic[K]):
     def submit(self, key: K, job: Job, timeout: float | None = None) -> None:
         """Queue ``job(ctx)`` on ``key``, waiting while the key holds ``queue_size`` jobs.
 
-        ``timeout`` (seconds) bounds the wait: QueueFull when it passes. A job
-        that submits to its own key while that key is full gets QueueFull at
-        once (waiting would deadlock). The wait releases the GIL and Ctrl-C
-        interrupts it. Raises RuntimeError before ``start()`` and after ``stop()``.
+        ``timeout`` (seconds; None or ``math.inf``: no limit) bounds the wait:
+        QueueFull when it passes. A job that submits to its own key while that
+        key is full gets QueueFull at once (waiting would deadlock). The wait
+        releases the GIL and Ctrl-C interrupts it. Raises RuntimeError before
+        ``start()`` and after ``stop()``.
         """
         timeout = _check_timeout("timeout", timeout)
         sched = self._scheduler()
@@ -129,9 +152,11 @@ class TaskPool(Generic[K]):
         1. stop accepting jobs (submit raises RuntimeError);
         2. cancel the context every job sees;
         3. discard queued jobs that have not started (counted in ``discarded``);
-        4. wait for running jobs, at most ``timeout`` seconds.
+        4. wait for running jobs, at most ``timeout`` seconds (None or
+           ``math.inf``: no limit).
 
-        Returns True if no job is still running. Idempotent.
+        Returns True if no job is still running (idle threads may still be
+        exiting). Idempotent.
         """
         timeout = _check_timeout("timeout", timeout)
         with self._lock:
@@ -145,8 +170,12 @@ class TaskPool(Generic[K]):
         cancel()
         sched.close()
         sched.cancel_queued()
-        finished: bool = sched.join(timeout)
-        return finished
+        if sched.join(timeout):
+            return True
+        # Timed out waiting for the threads; idle ones may just not have exited yet.
+        _, running, pending, *_ = sched.metrics()
+        idle: bool = running == 0 and pending == 0
+        return idle
 
     def __enter__(self) -> TaskPool[K]:
         self.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import random
 import threading
 import time
@@ -882,6 +883,62 @@ def test_bad_constructor_arguments(impl: Any, kwargs: dict[str, Any], error: typ
     """workers and batch must be positive ints (bool excluded); on_error callable."""
     with pytest.raises(error):
         impl.KeyedExecutor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"workers": 2**31}, "workers"),
+        ({"workers": 2**64}, "workers"),
+        ({"workers": 2, "batch": 2**31}, "batch"),
+        ({"workers": 2, "batch": 2**64}, "batch"),
+    ],
+)
+def test_too_large_sizes_are_a_value_error_naming_the_argument(
+    impl: Any, kwargs: dict[str, Any], argument: str
+) -> None:
+    """Sizes past what the native core holds (C ints) are a ValueError, not OverflowError."""
+    with pytest.raises(ValueError, match=argument):
+        impl.KeyedExecutor(**kwargs)
+
+
+def test_largest_sizes_are_accepted(impl: Any) -> None:
+    """workers and batch up to 2**31 - 1 (threads start lazily, so this is cheap)."""
+    ex = impl.KeyedExecutor(2**31 - 1, batch=2**31 - 1)
+    try:
+        assert ex.submit("k", lambda: 7).result(T) == 7
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.parametrize("forever", [math.inf, 1e10, threading.TIMEOUT_MAX])
+def test_infinite_or_huge_timeouts_mean_no_limit(h: Any, forever: float) -> None:
+    """wait_key and map accept timeout=inf (or too large to wait for) as "no limit"."""
+    ex = h.executor(2)
+    gate, _ = h.block(ex, "k")
+    fut = ex.submit("k", lambda: 1)
+    waiter = cf.ThreadPoolExecutor(1)
+    try:
+        waited = waiter.submit(ex.wait_key, "k", timeout=forever)
+        mapped = waiter.submit(lambda: list(ex.map(abs, [-1, -2], timeout=forever)))
+        gate.set()
+        assert waited.result(T) is True
+        assert mapped.result(T) == [1, 2]
+        assert fut.result(T) == 1
+    finally:
+        gate.set()
+        waiter.shutdown()
+
+
+def test_minus_infinity_timeout_is_rejected(h: Any) -> None:
+    """Only +inf means no limit: -inf is a ValueError naming the argument, like -1."""
+    ex = h.executor(2)
+    before = ex.metrics()
+    with pytest.raises(ValueError, match="timeout"):
+        ex.wait_key("k", timeout=-math.inf)
+    with pytest.raises(ValueError, match="timeout"):
+        ex.map(noop, [1], timeout=-math.inf)
+    assert_usable_and_nothing_queued(ex, before)
 
 
 def test_bad_map_arguments(h: Any) -> None:

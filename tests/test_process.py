@@ -77,9 +77,10 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> list[str]:
 @pytest.mark.timeout(60)
 def test_exit_drains_accepted_work(impl: Any, tmp_path: Any) -> None:
     """The main thread queues work on an executor and a TaskPool and returns
-    without shutdown: at exit every accepted task runs, in per-key order; the
-    exit closes the executors to new work ("after interpreter shutdown"); exit
-    code 0 and an empty stderr."""
+    without shutdown: at exit every accepted task runs, in per-key order (the
+    TaskPool is stopped instead: its context is cancelled and the jobs still
+    queued are skipped); the exit closes the executors to new work ("after
+    interpreter shutdown"); exit code 0 and an empty stderr."""
     out = tmp_path / "ran.txt"
     proc = _run(impl, """
         import sys, threading, time
@@ -123,10 +124,9 @@ def test_exit_drains_accepted_work(impl: Any, tmp_path: Any) -> None:
     for line in out.read_text().splitlines():
         tag, i = line.split()
         by_tag.setdefault(tag, []).append(int(i))
-    assert by_tag == {
-        "a": list(range(100)), "b": list(range(100)), "c": list(range(100)),
-        "d": [0], "p": list(range(100)),
-    }
+    p = by_tag.pop("p")
+    assert p == list(range(len(p)))  # in order, up to where exit cancelled the pool
+    assert by_tag == {"a": list(range(100)), "b": list(range(100)), "c": list(range(100)), "d": [0]}
 
 
 @pytest.mark.timeout(60)

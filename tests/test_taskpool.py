@@ -11,6 +11,7 @@ stop(), Ctrl-C out of a blocked submit, logged job errors, input validation.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -681,3 +682,170 @@ def test_drained_keys_are_reclaimed(impl: Any) -> None:
             empty = impl.Scheduler(1)
             assert pool._sched._native_bytes() == empty._native_bytes()
             empty.close()
+
+
+# -- stop(), timeouts and sizes at their limits --------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_stop_with_zero_timeout_is_true_when_no_job_runs(impl: Any) -> None:
+    """stop(timeout=0) answers "is a job still running?": idle worker threads do not count."""
+    for _ in range(5):
+        pool = impl.TaskPool(max_workers=4)
+        pool.start()
+        done = threading.Event()
+        pool.submit("k", lambda ctx: done.set())
+        assert done.wait(10)
+        assert wait_until(lambda: pool.metrics().running == 0, 10)
+        assert pool.metrics().workers >= 1  # an idle thread is still there
+        assert pool.stop(timeout=0) is True
+        assert pool.stop() is True  # joins the threads
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("forever", [math.inf, 1e10, threading.TIMEOUT_MAX])
+def test_infinite_or_huge_timeouts_mean_no_limit(impl: Any, forever: float) -> None:
+    """submit(timeout=inf) waits for room on a full key; stop(timeout=inf) waits for the jobs."""
+    pool = impl.TaskPool(queue_size=1)
+    pool.start()
+    _, release = _blocker(pool, "k")
+    pool.submit("k", _noop)  # "k" is now full
+    outcome: list[object] = []
+
+    def submitter() -> None:
+        try:
+            pool.submit("k", _noop, timeout=forever)
+            outcome.append("queued")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=submitter)
+    t.start()
+    time.sleep(0.05)  # let it reach the wait (a hang guard covers the rest)
+    release.set()
+    t.join(10)
+    assert outcome == ["queued"]
+    assert wait_until(lambda: pool.metrics().completed == 3, 10)
+    assert pool.stop(timeout=forever) is True
+    assert pool.metrics().workers == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("forever", [math.inf, 1e10, threading.TIMEOUT_MAX])
+def test_infinite_idle_timeout_keeps_threads(impl: Any, forever: float) -> None:
+    """idle_timeout=inf (or too large to wait for): idle threads never retire and are reused."""
+    threads: list[threading.Thread] = []  # the objects, so that equal idents can't merge
+    with impl.TaskPool(max_workers=3, idle_timeout=forever) as pool:
+        for key in range(20):  # one after another, on distinct keys
+            done = threading.Event()
+            pool.submit(key, lambda ctx: (threads.append(threading.current_thread()), done.set()))
+            assert done.wait(10)
+        assert len(threads) == 20
+        assert len({id(t) for t in threads}) <= 3
+        assert pool.metrics().workers >= 1
+        assert all(t.is_alive() for t in threads)
+    assert pool.metrics().workers == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"queue_size": 2**32}, ValueError, "queue_size"),
+        ({"queue_size": 2**64}, ValueError, "queue_size"),
+        ({"max_workers": 2**31}, ValueError, "max_workers"),
+        ({"max_workers": 2**64}, ValueError, "max_workers"),
+        ({"name": 5}, TypeError, "name"),
+        ({"name": None}, TypeError, "name"),
+        ({"idle_timeout": -math.inf}, ValueError, "idle_timeout"),
+    ],
+)
+def test_bad_constructor_arguments_fail_at_construction(
+    impl: Any, kwargs: dict[str, Any], error: type[Exception], argument: str
+) -> None:
+    """Every constructor argument is checked up front (not at start()), the same on both
+    implementations: sizes past what the native core holds are a ValueError, not OverflowError."""
+    with pytest.raises(error, match=argument):
+        impl.TaskPool(**kwargs)
+
+
+@pytest.mark.timeout(20)
+def test_largest_sizes_are_accepted(impl: Any) -> None:
+    """The upper bounds are the core's own: queue_size 2**32 - 1, max_workers 2**31 - 1."""
+    with impl.TaskPool(queue_size=2**32 - 1, max_workers=2**31 - 1) as pool:
+        done = threading.Event()
+        pool.submit("k", lambda ctx: done.set())
+        assert done.wait(10)
+
+
+@pytest.mark.timeout(20)
+def test_stop_rejects_bad_timeouts_before_stopping(impl: Any) -> None:
+    """A bad stop() timeout raises and leaves the pool running."""
+    with impl.TaskPool() as pool:
+        for bad, error in ((-math.inf, ValueError), (math.nan, ValueError), ("1", TypeError)):
+            with pytest.raises(error, match="timeout"):
+                pool.stop(timeout=bad)
+        done = threading.Event()
+        pool.submit("k", lambda ctx: done.set())
+        assert done.wait(10)
+
+
+# -- interpreter exit ----------------------------------------------------------------
+
+_EXIT_CHILD = textwrap.dedent(
+    """
+    import os, threading
+    import keyedexec
+    from keyedexec import TaskPool
+
+    assert keyedexec.NATIVE == (os.environ.get("KEYEDEXEC_PURE_PYTHON") != "1"), keyedexec.NATIVE
+    started = threading.Event()
+    ran, outcomes = [], []
+
+    def waits_for_cancel(ctx):
+        started.set()
+        outcomes.append("cancelled" if ctx.wait(60) else "timed out")
+
+    pool = TaskPool(queue_size=10, max_workers=2)
+    pool.start()
+    pool.submit("k", waits_for_cancel)
+    pool.submit("k", lambda ctx: ran.append(ctx))  # queued behind it: skipped at exit
+    assert started.wait(10)
+
+    dropped = TaskPool(max_workers=1)  # dropped without stop(): its job must end too
+    dropped.start()
+    dropped.submit("d", waits_for_cancel)
+    del dropped
+
+    def report():
+        print(*outcomes, sep="\\n")
+        print("queued job ran" if ran else "queued job skipped", flush=True)
+
+    import atexit
+    atexit.register(report)  # atexit runs after threading joined the workers
+    print("exiting", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_interpreter_exit_cancels_the_pool_context(impl: Any) -> None:
+    """Exit without stop(): the pool's context is cancelled, so a job waiting on it ends and
+    the jobs queued behind it are skipped; the process exits promptly."""
+    env = dict(os.environ)
+    env.pop("KEYEDEXEC_PURE_PYTHON", None)
+    if impl.name == "pure":
+        env["KEYEDEXEC_PURE_PYTHON"] = "1"
+    else:
+        env["KEYEDEXEC_REQUIRE_NATIVE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_CHILD],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,  # the bug: the child hangs at exit forever
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "exiting", proc.stdout
+    assert lines[1:] == ["cancelled", "cancelled", "queued job skipped"], proc.stdout
