@@ -12,10 +12,12 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import itertools
 import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
 
 from . import _impl
@@ -276,33 +278,45 @@ class KeyedExecutor(Generic[K]):
         *iterables: Iterable[Any],
         key: Callable[..., K] | None = None,
         timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[R]:
         """``fn`` over the iterables, results in input order (like ``Executor.map``).
 
         ``key(*args)`` gives each call's key: calls with equal keys run one at a
         time, in input order. Without ``key`` every call is independent. All
-        calls are submitted at once; the first exception is raised when its
-        result is reached; ``timeout`` bounds the whole iteration
-        (``concurrent.futures.TimeoutError``). Closing the iterator (or dropping
-        it) after its first ``next()`` cancels the calls that have not started;
-        an iterator closed before it ever ran cancels nothing, as in the stdlib.
+        calls are submitted at once, or with ``buffersize`` (as in Python
+        3.14) only that many ahead of the results taken, the inputs read as
+        needed. The first exception is raised when its result is reached;
+        ``timeout`` bounds the whole iteration (``concurrent.futures.TimeoutError``).
+        When the iteration ends early (an exception, or closing or dropping the
+        iterator after its first ``next()``) the calls that have not started
+        are cancelled, including the one waited for; an iterator closed before
+        it ever ran cancels nothing, as in the stdlib. ``chunksize`` is
+        accepted and ignored, as by ThreadPoolExecutor.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if key is not None and not callable(key):
             raise TypeError(f"key must be callable or None, got {type(key).__name__}")
         timeout = _check_timeout("timeout", timeout)
+        if buffersize is not None:
+            _check_count("buffersize", buffersize)
         end = None if timeout is None else time.monotonic() + timeout
         submit: Callable[..., KeyedFuture[R]] = self.submit
-        fs: list[KeyedFuture[R]] = []
+        calls = zip(*iterables)
+        fs: deque[KeyedFuture[R]] = deque()
         try:
-            for args in zip(*iterables):
+            for args in calls if buffersize is None else itertools.islice(calls, buffersize):
                 fs.append(submit(object() if key is None else key(*args), fn, *args))
         except BaseException:
             for f in fs:
                 f.cancel()
             raise
-        return _results(fs, end)
+        if buffersize is None:
+            return _results(fs, end, None)
+        # A weak reference, as in the stdlib: the iterator does not keep the executor alive.
+        return _results(fs, end, functools.partial(_submit_next, weakref.ref(self), calls, fn, key))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks (later submits raise RuntimeError).
@@ -393,7 +407,9 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> KeyedFuture[R]:
         with self._lock:
             if self._closed:
-                raise RuntimeError("cannot schedule new tasks after this view was shut down")
+                raise RuntimeError(
+                    "cannot schedule new futures after shutdown (this view was shut down)"
+                )
             fut = self._executor.submit(self._key, fn, *args, **kwargs)
             self._futures.add(fut)
         return fut
@@ -414,15 +430,52 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
         return f"<KeyView {state} key={self._key!r} of {self._executor!r}>"
 
 
-def _results(fs: list[KeyedFuture[R]], end: float | None) -> Iterator[R]:
+def _results(
+    fs: deque[KeyedFuture[R]],
+    end: float | None,
+    submit_next: Callable[[], KeyedFuture[R] | None] | None,
+) -> Iterator[R]:
     # A separate generator so that map() submits eagerly, like Executor.map.
-    fs.reverse()  # pop from the end: results are released as they are yielded
+    # Futures are popped as their results are yielded: no reference is kept.
     try:
         while fs:
-            if end is None:
-                yield fs.pop().result()
-            else:
-                yield fs.pop().result(end - time.monotonic())
+            if submit_next is not None:  # buffersize: one more call per result taken
+                ahead = submit_next()
+                if ahead is None:
+                    submit_next = None
+                else:
+                    fs.append(ahead)
+                del ahead
+            yield _result_or_cancel(fs.popleft(), None if end is None else end - time.monotonic())
     finally:
         for f in fs:
             f.cancel()
+
+
+def _result_or_cancel(fut: KeyedFuture[R], timeout: float | None) -> R:
+    """The result; if the wait ends otherwise (timeout, Ctrl-C), the call is not
+    wanted any more: cancel it, as Executor.map does."""
+    try:
+        return fut.result(timeout)
+    except BaseException:
+        fut.cancel()
+        raise
+    finally:
+        del fut  # the traceback keeps this frame: not the future (and its result)
+
+
+def _submit_next(
+    executor_ref: weakref.ref[KeyedExecutor[Any]],
+    calls: Iterator[tuple[Any, ...]],
+    fn: Callable[..., R],
+    key: Callable[..., Any] | None,
+) -> KeyedFuture[R] | None:
+    """map(buffersize=): submit the next call; None at the end of the input, or
+    once the executor is gone."""
+    executor = executor_ref()
+    if executor is None:
+        return None
+    args = next(calls, None)
+    if args is None:
+        return None
+    return executor.submit(object() if key is None else key(*args), fn, *args)
