@@ -112,6 +112,15 @@ class KeyedExecutor(Generic[K]):
     context. ``copy_context=True`` runs each task in a copy of the submitting
     thread's context instead, as ``asyncio.to_thread`` does (about 0.2 µs more
     per task).
+
+    ThreadPoolExecutor's arguments are accepted as it takes them:
+    ``max_workers`` (another name for ``workers``), ``thread_name_prefix``
+    (workers named ``f"{prefix}_{n}"``, n from 0; else ``f"{name}-worker-{n}"``,
+    n from 1), ``initializer(*initargs)``, called by each worker thread once
+    before its first task. If an initializer raises, it is logged and the pool
+    is broken, as ThreadPoolExecutor's: queued tasks are dropped (their futures
+    fail with ``concurrent.futures.thread.BrokenThreadPool``), later submits
+    raise it, and the workers exit.
     """
 
     #: The scheduler implementation (native core or pure Python): see ``keyedexec.NATIVE``.
@@ -120,21 +129,42 @@ class KeyedExecutor(Generic[K]):
     def __init__(
         self,
         workers: int | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         *,
+        max_workers: int | None = None,
         on_error: ErrorHandler | None = None,
         batch: int = 64,
         name: str = "keyedexec",
         copy_context: bool = False,
     ) -> None:
+        if max_workers is not None:
+            if workers is not None:
+                raise TypeError("pass workers or max_workers (the same thing), not both")
+            workers = _check_count("max_workers", max_workers)
         workers = default_workers() if workers is None else _check_count("workers", workers)
         _check_count("batch", batch)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError(
+                f"thread_name_prefix must be a str, got {type(thread_name_prefix).__name__}"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
+        try:
+            initargs = tuple(initargs)
+        except TypeError:
+            raise TypeError(
+                f"initargs must be an iterable, got {type(initargs).__name__}"
+            ) from None
         self._workers = workers
         sched = self._Scheduler(
-            workers, batch=batch, name=name, on_error=on_error or log_task_error
+            workers, batch=batch, name=name, on_error=on_error or log_task_error,
+            thread_name_prefix=thread_name_prefix, initializer=initializer, initargs=initargs,
         )
         self._sched = sched
         self._copy_context = bool(copy_context)

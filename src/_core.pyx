@@ -39,7 +39,7 @@ from keyedexec import _future, _lifecycle
 from keyedexec._future import _SEALS, KeyedFuture
 from keyedexec._report import report_failure
 from keyedexec.context import Context
-from keyedexec.errors import QueueFull
+from keyedexec.errors import BrokenThreadPool, QueueFull
 
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from time import monotonic as _monotonic
@@ -48,6 +48,12 @@ cdef object _PENDING = PENDING
 cdef object _RUNNING = RUNNING
 cdef object _FINISHED = FINISHED
 cdef object _ALL = object()   # cancel_queued(): every key
+cdef str _BROKEN = "A thread initializer failed, the thread pool is not usable anymore"
+
+
+def _broken():
+    """The exception of each task dropped by a broken pool (as ThreadPoolExecutor's)."""
+    return BrokenThreadPool(_BROKEN)
 
 
 cdef extern from "Python.h":
@@ -132,6 +138,7 @@ cdef enum:
     CLOSED_SHUTDOWN = 1
     CLOSED_EXIT = 2
     CLOSED_FORK = 3
+    CLOSED_BROKEN = 4   # a worker's initializer raised
 
 # What happened to a task a worker took (returned by _run).
 cdef enum:
@@ -227,6 +234,9 @@ cdef class Scheduler:
 
     cdef object on_error
     cdef readonly str name
+    cdef str thread_name_prefix
+    cdef object initializer     # None, or called once by each worker before any task
+    cdef tuple initargs
     cdef list _threads          # Thread objects, guarded by _threads_lock
     cdef object _threads_lock
     cdef object _exited         # Condition notified by each exiting worker
@@ -250,7 +260,8 @@ cdef class Scheduler:
         self._deferred = deque()
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
-                 str name="keyedexec", on_error=None):
+                 str name="keyedexec", on_error=None, str thread_name_prefix="",
+                 initializer=None, tuple initargs=()):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if batch < 1:
@@ -263,6 +274,9 @@ cdef class Scheduler:
         self.idle_timeout = -1.0 if idle_timeout is None else idle_timeout
         self.name = name
         self.on_error = on_error
+        self.thread_name_prefix = thread_name_prefix
+        self.initializer = initializer
+        self.initargs = initargs
         _lifecycle.register(self)
 
     def __dealloc__(self):
@@ -498,18 +512,18 @@ cdef class Scheduler:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         if self._reentered():
             if self.closing:
-                raise RuntimeError(self._closed_message())
+                raise self._closed_error()
             self._deferred.append((key, fn, args, kwargs, fut, kind))
             return 1
         deadline = None
         while True:
             _acquire(self.mu)
             try:
-                if self.closing and not (late and self.closing != CLOSED_FORK):
+                if self.closing and not (late and self.closing < CLOSED_FORK):
                     # Raised after unlocking: creating an exception may run the
                     # GC (3.10/3.11), whose finalizers may submit.
                     refused = 1
-                    if late:   # accepted, then the scheduler was forked away
+                    if late:   # accepted, then the scheduler was forked away (or broke)
                         self.submitted += 1
                         self.cancelled += 1
                     break
@@ -582,7 +596,7 @@ cdef class Scheduler:
                 fut._cancel_queued()
             return 1
         if refused == 1:
-            raise RuntimeError(self._closed_message())
+            raise self._closed_error()
         if refused == 2:
             raise QueueFull(f"key {key!r} is full ({self.queue_size} queued) and this job "
                             "runs on that key: waiting would deadlock")
@@ -611,13 +625,17 @@ cdef class Scheduler:
         # so releasing it under the mutex cannot run a finalizer.
         self._free_key(ks)
 
-    cdef str _closed_message(self):
+    cdef object _closed_error(self):
+        """What a submit raises once closed. The stdlib's texts, word for word:
+        code in the wild matches on them."""
         if self.closing == CLOSED_EXIT:
-            return "cannot schedule new tasks after interpreter shutdown"
+            return RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self.closing == CLOSED_FORK:
-            return ("this executor was inherited across os.fork() and cannot run "
-                    "tasks in the child; create a new one")
-        return "cannot schedule new tasks after shutdown"
+            return RuntimeError("this executor was inherited across os.fork() and cannot "
+                                "run tasks in the child; create a new one")
+        if self.closing == CLOSED_BROKEN:
+            return BrokenThreadPool(_BROKEN)
+        return RuntimeError("cannot schedule new futures after shutdown")
 
     cdef int _spawn(self) except -1:
         """Start the worker thread reserved (nthreads += 1) under the mutex."""
@@ -629,7 +647,11 @@ cdef class Scheduler:
             self._spawned += 1
             n = self._spawned
             self._threads.append(t)
-        t.name = f"{self.name}-worker-{n}"
+        # ThreadPoolExecutor's names with a prefix; 0-based, as there.
+        if self.thread_name_prefix:
+            t.name = f"{self.thread_name_prefix}_{n - 1}"
+        else:
+            t.name = f"{self.name}-worker-{n}"
         try:
             t.start()
         except BaseException:
@@ -718,6 +740,8 @@ cdef class Scheduler:
         cdef int status = 0
         cdef bint notify_space, woke, retire = False
         cdef unsigned long me = PyThread_get_thread_ident()
+        if self.initializer is not None:
+            self._initialize_worker()   # if it fails, the loop below only exits
         _acquire(self.mu)
         while True:
             # (mutex held) account for the task that just ran
@@ -794,6 +818,28 @@ cdef class Scheduler:
         if dead is not NULL:
             self._free_key(dead)
         self._notify_exited()
+
+    cdef void _initialize_worker(self) noexcept:
+        """Call the initializer in a new worker. If it raises (logged), the pool is
+        broken, as ThreadPoolExecutor's: submits raise BrokenThreadPool, and the
+        queued tasks are dropped, their futures failed with it. The workers then
+        free the emptied keys and exit, this one included."""
+        try:
+            self.initializer(*self.initargs)
+            return
+        except BaseException as exc:
+            report_failure(f"a worker initializer of {self.name!r} raised: the pool is broken",
+                           exc)
+        _acquire(self.mu)
+        if self.closing != CLOSED_FORK:
+            self.closing = CLOSED_BROKEN
+        ke_unlock(self.mu)
+        ke_notify_all(self.work_cv)
+        ke_notify_all(self.space_cv)
+        try:
+            self.cancel_queued(error=_broken)
+        except BaseException as exc:   # not expected: the futures are done regardless
+            report_failure(f"keyedexec could not fail the tasks of {self.name!r}", exc)
 
     cdef int _run(self, object key, Task *t) noexcept:
         """Run one task with the GIL; never raises. Releases the task's references."""
@@ -877,10 +923,11 @@ cdef class Scheduler:
     def _close_for_exit(self):
         self._close(CLOSED_EXIT)
 
-    def cancel_queued(self, key=_ALL):
+    def cancel_queued(self, key=_ALL, error=None):
         """Drop queued tasks (all, or one key's) that have not started.
 
-        Their futures are cancelled (and waiters notified). Returns how many.
+        Their futures are cancelled (and waiters notified), or, given ``error``,
+        fail with the exception it makes. Returns how many.
         """
         cdef size_t i, n = 0, need, cap = 0, pos
         cdef Py_hash_t h = 0
@@ -926,7 +973,11 @@ cdef class Scheduler:
             for i in range(n):
                 if dropped[i].fut is not NULL:
                     try:
-                        (<object>dropped[i].fut)._cancel_queued()
+                        if error is None:
+                            (<object>dropped[i].fut)._cancel_queued()
+                        else:
+                            (<object>dropped[i].fut)._fail_queued(
+                                error(), dropped[i].kind & K_ERRVAL != 0)
                     except BaseException as exc:
                         if first_error is None:
                             first_error = exc
