@@ -248,11 +248,14 @@ class KeyedFuture(Future[T]):
         Used when the scheduler drops a queued task (``cancel_futures``, a
         cancelled context): ``wait``/``as_completed`` see it as done at once.
         """
-        if self.cancel():
-            try:
-                self.set_running_or_notify_cancel()
-            except RuntimeError:
-                pass  # already notified
+        try:
+            self.cancel()  # may raise a callback's BaseException (_invoke_callbacks)
+        finally:
+            if self.cancelled():
+                try:
+                    self.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass  # already notified
 
     def _fail_queued(self, exc: BaseException, as_result: bool) -> None:
         """Fail a future whose task will never run (its pool broke) with ``exc``,

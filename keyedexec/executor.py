@@ -61,7 +61,8 @@ class Metrics(NamedTuple):
     failed: int
     """Of ``completed``, those that raised."""
     cancelled: int
-    """Tasks that never ran: cancelled, or skipped for a cancelled context."""
+    """Tasks that never ran: cancelled, skipped for a cancelled context, or
+    dropped by a broken pool (an initializer raised)."""
 
 
 def default_workers() -> int:

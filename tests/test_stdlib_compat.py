@@ -449,3 +449,22 @@ def test_done_callback_raising_system_exit_is_logged_and_the_worker_goes_on(impl
         0, ["second callback", "next task", "done"]
     ), proc.stderr
     assert "SystemExit" in proc.stderr
+
+
+def test_base_exception_from_a_callback_of_a_dropped_task_still_notifies_waiters(h: Any) -> None:
+    """cancel_key on the caller's thread: a callback's KeyboardInterrupt reaches the
+    caller, and the future is cancelled *and notified*, so wait() sees it done."""
+    ex = h.executor(1)
+    gate, _ = h.block(ex, "k")
+    queued = ex.submit("k", abs, -1)
+    other = ex.submit("k", abs, -2)
+
+    def interrupt(fut: Any) -> None:
+        raise KeyboardInterrupt
+
+    queued.add_done_callback(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ex.cancel_key("k")
+    done, not_done = cf.wait([queued, other], timeout=0)
+    assert done == {queued, other} and not not_done
+    gate.set()
