@@ -308,14 +308,15 @@ def test_initializer_failure_never_loses_an_accepted_task(impl: Any) -> None:
     """Submitters race a failing initializer: every submit either raises
     BrokenThreadPool or returns a future that ends done (result or BrokenThreadPool)."""
     calls = itertools.count()
+    accepted: list[Future[Any]] = []
+    refused = [0]
 
     def init() -> None:
-        if next(calls) == 2:  # the third worker to start
+        if next(calls) == 0:  # the first worker fails, once the others run tasks
+            assert wait_until(lambda: len(accepted) >= 100)
             raise Boom("init failed")
 
     ex = impl.KeyedExecutor(4, initializer=init)
-    accepted: list[Future[Any]] = []
-    refused = [0]
 
     def submitter(base: int) -> None:
         for i in range(300):
@@ -332,11 +333,13 @@ def test_initializer_failure_never_loses_an_accepted_task(impl: Any) -> None:
     done, not_done = cf.wait(accepted, timeout=T)
     assert not not_done
     assert len(accepted) + refused[0] == 1200
-    for f in done:
-        assert f.exception() is None or isinstance(f.exception(), BrokenThreadPool)
+    broken = [f for f in done if f.exception() is not None]
+    assert all(isinstance(f.exception(), BrokenThreadPool) for f in broken)
     assert wait_until(lambda: ex.metrics().workers == 0)
+    assert ex.closed
     m = ex.metrics()
     assert m.submitted == len(accepted) == m.completed + m.cancelled
+    assert m.cancelled == len(broken)
     ex.shutdown()
 
 
