@@ -16,7 +16,7 @@ different keys run in parallel. Two facades over one scheduler:
 from ._future import KeyedFuture
 from ._impl import NATIVE
 from .context import Context, background
-from .errors import Cancelled, DeadlineExceeded, QueueFull
+from .errors import BrokenThreadPool, Cancelled, DeadlineExceeded, QueueFull
 from .executor import KeyedExecutor, Metrics, Stats
 from .aio import AsyncKeyedExecutor
 from .taskpool import PoolMetrics, TaskPool
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NATIVE",
     "AsyncKeyedExecutor",
+    "BrokenThreadPool",
     "Cancelled",
     "Context",
     "DeadlineExceeded",

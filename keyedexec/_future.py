@@ -35,6 +35,7 @@ from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
     FINISHED,
+    LOGGER,
     PENDING,
     RUNNING,
 )
@@ -174,7 +175,7 @@ class KeyedFuture(Future[T]):
             if _set_state_if_pending(self, CANCELLED) != CANCELLED:
                 return False
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -217,7 +218,29 @@ class KeyedFuture(Future[T]):
                 else:
                     waiter.add_result(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks(on_worker=True)
+
+    def _invoke_callbacks(self, *, on_worker: bool = False) -> None:
+        """Call the done-callbacks in order. As in the stdlib, one that raises is
+        logged and the next one runs; so is one that raises a BaseException
+        (``sys.exit()``): on a worker thread it would end the worker, or the
+        process. On the caller's own thread (``cancel()``, ``set_result()``) the
+        first such is raised again once every callback ran, so that Ctrl-C and
+        ``sys.exit()`` still work there, as in the stdlib."""
+        first: BaseException | None = None
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException as exc:
+                if on_worker or isinstance(exc, Exception):
+                    LOGGER.exception("exception calling callback for %r", self)
+                elif first is None:
+                    first = exc
+        if first is not None:
+            try:
+                raise first
+            finally:
+                del first  # no reference cycle through the traceback
 
     def _cancel_queued(self) -> None:
         """Cancel a future whose task will never run, and notify its waiters.
@@ -225,11 +248,26 @@ class KeyedFuture(Future[T]):
         Used when the scheduler drops a queued task (``cancel_futures``, a
         cancelled context): ``wait``/``as_completed`` see it as done at once.
         """
-        if self.cancel():
-            try:
-                self.set_running_or_notify_cancel()
-            except RuntimeError:
-                pass  # already notified
+        try:
+            self.cancel()  # may raise a callback's BaseException (_invoke_callbacks)
+        finally:
+            if self.cancelled():
+                try:
+                    self.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass  # already notified
+
+    def _fail_queued(self, exc: BaseException, as_result: bool) -> None:
+        """Fail a future whose task will never run (its pool broke) with ``exc``,
+        or make ``exc`` its result (``as_result``: the execute_with_error kinds).
+        One that its caller cancelled first stays cancelled."""
+        if _set_state_if_pending(self, RUNNING) == RUNNING:
+            if as_result:
+                self._set_outcome(exc, None)
+            else:
+                self._set_outcome(None, exc)
+        else:
+            self._cancel_queued()
 
 
 def _set_state_if_pending_by_dict(fut: KeyedFuture[Any], state: str) -> str:
@@ -237,7 +275,17 @@ def _set_state_if_pending_by_dict(fut: KeyedFuture[Any], state: str) -> str:
     state after the call (``state`` if it was set). One dict operation, atomic
     under the GIL or, free-threaded, the dict's own lock. The native core
     installs an equivalent that needs no instance dict on GIL builds."""
-    return fut.__dict__.setdefault("_state", state)  # type: ignore[no-any-return]
+    d = fut.__dict__
+    current: str = d.setdefault("_state", state)
+    if current != PENDING:
+        return current
+    # PENDING was assigned explicitly (Future.__init__, a test building a future
+    # in a state): no single dict operation swaps it, so whoever finds it so
+    # (the worker's claim, cancel()) changes it under the future's seal.
+    with _seal(fut):
+        if d["_state"] == PENDING:
+            d["_state"] = state
+        return d["_state"]  # type: ignore[no-any-return]
 
 
 _set_state_if_pending: Callable[[KeyedFuture[Any], str], str] = _set_state_if_pending_by_dict

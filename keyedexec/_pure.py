@@ -27,7 +27,7 @@ from ._future import KeyedFuture
 from ._lifecycle import cancel_orphans, register
 from ._report import report_failure
 from .context import Context
-from .errors import QueueFull
+from .errors import BrokenThreadPool, QueueFull
 
 __all__ = ["Scheduler"]
 
@@ -36,17 +36,32 @@ K_FUTURE = 1
 K_ERRVAL = 2
 K_CTX = 4
 
-OPEN, CLOSED_SHUTDOWN, CLOSED_EXIT, CLOSED_FORK = range(4)
+OPEN, CLOSED_SHUTDOWN, CLOSED_EXIT, CLOSED_FORK, CLOSED_BROKEN = range(5)
 T_OK, T_RAISED, T_SKIPPED = 1, 2, 3
 
+# The stdlib's texts, word for word: code in the wild matches on them.
 _CLOSED_MESSAGES = {
-    CLOSED_SHUTDOWN: "cannot schedule new tasks after shutdown",
-    CLOSED_EXIT: "cannot schedule new tasks after interpreter shutdown",
+    CLOSED_SHUTDOWN: "cannot schedule new futures after shutdown",
+    CLOSED_EXIT: "cannot schedule new futures after interpreter shutdown",
     CLOSED_FORK: (
         "this executor was inherited across os.fork() and cannot run "
         "tasks in the child; create a new one"
     ),
+    CLOSED_BROKEN: "A thread initializer failed, the thread pool is not usable anymore",
 }
+
+
+def _closed_error(reason: int) -> RuntimeError:
+    """What a submit raises once the scheduler is closed for ``reason``."""
+    if reason == CLOSED_BROKEN:
+        return BrokenThreadPool(_CLOSED_MESSAGES[reason])
+    return RuntimeError(_CLOSED_MESSAGES[reason])
+
+
+def _broken() -> BrokenThreadPool:
+    """The exception of each task dropped by a broken pool (as ThreadPoolExecutor's)."""
+    return BrokenThreadPool(_CLOSED_MESSAGES[CLOSED_BROKEN])
+
 
 _ALL = object()
 _get_ident = threading.get_ident
@@ -66,13 +81,19 @@ class _KeyState:
         self.current: KeyedFuture[Any] | None = None  # the running task's future: see fork
 
 
-def _cancel_dropped(dropped: list[Task]) -> int:
-    """Cancel the futures of tasks taken out of their queues; returns how many."""
+def _cancel_dropped(
+    dropped: list[Task], error: Callable[[], BaseException] | None = None
+) -> int:
+    """Cancel the futures of tasks taken out of their queues, or fail them
+    with the exception ``error`` makes; returns how many."""
     first_error = None  # one failure (a Ctrl-C) must not leave the rest pending
     for task in dropped:
         if task[3] is not None:
             try:
-                task[3]._cancel_queued()
+                if error is None:
+                    task[3]._cancel_queued()
+                else:
+                    task[3]._fail_queued(error(), bool(task[4] & K_ERRVAL))
             except BaseException as exc:
                 if first_error is None:
                     first_error = exc
@@ -98,6 +119,9 @@ class Scheduler:
         batch: int = 64,
         name: str = "keyedexec",
         on_error: Callable[[Any, BaseException], object] | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -111,6 +135,9 @@ class Scheduler:
         self._batch = batch
         self.name = name
         self._on_error = on_error
+        self._thread_name_prefix = thread_name_prefix
+        self._initializer = initializer
+        self._initargs = initargs
         # Reentrant only so that _is_owned() can tell a finalizer running inside
         # the critical section (module docstring); nothing else re-enters.
         self._lock = threading.RLock()
@@ -167,7 +194,7 @@ class Scheduler:
         if self._lock._is_owned():  # type: ignore[attr-defined]
             # A finalizer, on a thread inside the critical section: defer.
             if self._closing:
-                raise RuntimeError(_CLOSED_MESSAGES[self._closing])
+                raise _closed_error(self._closing)
             self._defer((key, task))
             return True
         deadline = None if timeout is None else monotonic() + timeout
@@ -200,9 +227,9 @@ class Scheduler:
             try:
                 with self._lock:
                     while True:
-                        if self._closing and not (late and self._closing != CLOSED_FORK):
+                        if self._closing and not (late and self._closing < CLOSED_FORK):
                             refused = self._closing
-                            if late:  # accepted, then the scheduler was forked away
+                            if late:  # accepted, then the scheduler was forked away (or broke)
                                 self._submitted += 1
                                 self._cancelled += 1
                             break
@@ -246,7 +273,7 @@ class Scheduler:
                 fut._cancel_queued()
             return True
         if refused > 0:
-            raise RuntimeError(_CLOSED_MESSAGES[refused])
+            raise _closed_error(refused)
         if refused < 0:
             raise QueueFull(
                 f"key {key!r} is full ({self._queue_size} queued) and this "
@@ -368,7 +395,9 @@ class Scheduler:
             self._spawned += 1
             n = self._spawned
             self._threads.append(t)
-        t.name = f"{self.name}-worker-{n}"
+        # ThreadPoolExecutor's names with a prefix; 0-based, as there.
+        prefix = self._thread_name_prefix
+        t.name = f"{prefix}_{n - 1}" if prefix else f"{self.name}-worker-{n}"
         try:
             t.start()
         except BaseException:
@@ -443,6 +472,8 @@ class Scheduler:
     # -- the worker -------------------------------------------------------------------
 
     def _worker_main(self) -> None:
+        if self._initializer is not None:
+            self._initialize_worker()  # if it fails, the loop below only exits
         me = _get_ident()
         lock = self._lock
         ks: _KeyState | None = None
@@ -523,15 +554,39 @@ class Scheduler:
 
     def _forget(self, ks: _KeyState) -> None:
         """Remove a key's state from the table (lock held), even if the key
-        object was mutated while it ran and no longer hashes as it did."""
+        object was mutated while it ran and no longer hashes as it did. If a
+        key's __eq__ raises here (another key of the same hash is compared),
+        the empty state stays: the key's next submit reuses it."""
         try:
             if self._keys.get(ks.key) is ks:
                 del self._keys[ks.key]
-                return
-        except Exception:  # noqa: S110 - a mutated key's __hash__/__eq__ may fail
+            else:  # rebuilt without it: deleting needs the key's old hash
+                self._keys = {k: state for k, state in self._keys.items() if state is not ks}
+        except Exception:  # noqa: S110 - the worker must go on
             pass
-        # Rebuilt without it: deleting needs the key's old hash.
-        self._keys = {key: state for key, state in self._keys.items() if state is not ks}
+
+    def _initialize_worker(self) -> None:
+        """Call the initializer in a new worker. If it raises (logged), the pool is
+        broken, as ThreadPoolExecutor's: submits raise BrokenThreadPool, and the
+        queued tasks are dropped, their futures failed with it. The workers then
+        free the emptied keys and exit, this one included."""
+        try:
+            self._initializer(*self._initargs)  # type: ignore[misc]
+            return
+        except BaseException as exc:
+            report_failure(f"a worker initializer of {self.name!r} raised: the pool is broken", exc)
+        try:
+            with self._lock:
+                if self._closing != CLOSED_FORK:
+                    self._closing = CLOSED_BROKEN
+                self._work.notify_all()
+                self._space.notify_all()
+        finally:
+            self._after_unlock()
+        try:
+            self.cancel_queued(error=_broken)
+        except BaseException as exc:  # not expected: the futures are done regardless
+            report_failure(f"keyedexec could not fail the tasks of {self.name!r}", exc)
 
     def _run(self, key: Any, task: Task) -> int:
         fn, args, kwargs, fut, kind = task
@@ -609,10 +664,13 @@ class Scheduler:
     def _close_for_exit(self) -> None:
         self._close(CLOSED_EXIT)
 
-    def cancel_queued(self, key: Any = _ALL) -> int:
+    def cancel_queued(
+        self, key: Any = _ALL, error: Callable[[], BaseException] | None = None
+    ) -> int:
         """Drop queued tasks (all, or one key's) that have not started.
 
-        Their futures are cancelled (and waiters notified). Returns how many.
+        Their futures are cancelled (and waiters notified), or, given ``error``,
+        fail with the exception it makes. Returns how many.
         """
         self._refuse_reentry("cancelling queued tasks")
         dropped: list[Task] = []
@@ -632,7 +690,7 @@ class Scheduler:
                     self._space.notify_all()  # submitters waiting on a full key
         finally:
             self._after_unlock()
-        return _cancel_dropped(dropped)
+        return _cancel_dropped(dropped, error)
 
     def cancel_task(self, key: Any, fut: KeyedFuture[Any]) -> bool:
         """Drop ``key``'s queued task whose future is ``fut``, if it has not
@@ -718,7 +776,8 @@ class Scheduler:
         """True if ``key`` has queued or running tasks."""
         try:
             with self._lock:
-                return key in self._keys
+                ks = self._keys.get(key)
+                return ks is not None and bool(ks.tasks or ks.ready or ks.runner)
         finally:
             self._after_unlock()
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["Cancelled", "DeadlineExceeded", "QueueFull"]
+from concurrent.futures.thread import BrokenThreadPool
+
+__all__ = ["BrokenThreadPool", "Cancelled", "DeadlineExceeded", "QueueFull"]
+
+# BrokenThreadPool (re-exported, it is the stdlib's own class): a worker's
+# initializer raised; the executor takes no more tasks and fails the queued ones.
 
 
 class Cancelled(Exception):

@@ -12,10 +12,12 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import itertools
 import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
 
 from . import _impl
@@ -59,7 +61,8 @@ class Metrics(NamedTuple):
     failed: int
     """Of ``completed``, those that raised."""
     cancelled: int
-    """Tasks that never ran: cancelled, or skipped for a cancelled context."""
+    """Tasks that never ran: cancelled, skipped for a cancelled context, or
+    dropped by a broken pool (an initializer raised)."""
 
 
 def default_workers() -> int:
@@ -132,6 +135,15 @@ class KeyedExecutor(Generic[K]):
     context. ``copy_context=True`` runs each task in a copy of the submitting
     thread's context instead, as ``asyncio.to_thread`` does (about 0.2 µs more
     per task).
+
+    ThreadPoolExecutor's arguments are accepted as it takes them:
+    ``max_workers`` (another name for ``workers``), ``thread_name_prefix``
+    (workers named ``f"{prefix}_{n}"``, n from 0; else ``f"{name}-worker-{n}"``,
+    n from 1), ``initializer(*initargs)``, called by each worker thread once
+    before its first task. If an initializer raises, it is logged and the pool
+    is broken, as ThreadPoolExecutor's: queued tasks are dropped (their futures
+    fail with ``concurrent.futures.thread.BrokenThreadPool``), later submits
+    raise it, and the workers exit.
     """
 
     #: The scheduler implementation (native core or pure Python): see ``keyedexec.NATIVE``.
@@ -140,20 +152,41 @@ class KeyedExecutor(Generic[K]):
     def __init__(
         self,
         workers: int | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         *,
+        max_workers: int | None = None,
         on_error: ErrorHandler | None = None,
         batch: int = 64,
         name: str = "keyedexec",
         copy_context: bool = False,
     ) -> None:
+        if max_workers is not None:
+            if workers is not None:
+                raise TypeError("pass workers or max_workers (the same thing), not both")
+            workers = _check_count("max_workers", max_workers)
         workers = default_workers() if workers is None else _check_count("workers", workers)
         _check_count("batch", batch)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         _check_name(name)
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError(
+                f"thread_name_prefix must be a str, got {type(thread_name_prefix).__name__}"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
+        try:
+            initargs = tuple(initargs)
+        except TypeError:
+            raise TypeError(
+                f"initargs must be an iterable, got {type(initargs).__name__}"
+            ) from None
         self._workers = workers
         sched = self._Scheduler(
-            workers, batch=batch, name=name, on_error=on_error or log_task_error
+            workers, batch=batch, name=name, on_error=on_error or log_task_error,
+            thread_name_prefix=thread_name_prefix, initializer=initializer, initargs=initargs,
         )
         self._sched = sched
         self._copy_context = bool(copy_context)
@@ -305,33 +338,45 @@ class KeyedExecutor(Generic[K]):
         *iterables: Iterable[Any],
         key: Callable[..., K] | None = None,
         timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[R]:
         """``fn`` over the iterables, results in input order (like ``Executor.map``).
 
         ``key(*args)`` gives each call's key: calls with equal keys run one at a
         time, in input order. Without ``key`` every call is independent. All
-        calls are submitted at once; the first exception is raised when its
-        result is reached; ``timeout`` bounds the whole iteration
-        (``concurrent.futures.TimeoutError``). Closing the iterator (or dropping
-        it) after its first ``next()`` cancels the calls that have not started;
-        an iterator closed before it ever ran cancels nothing, as in the stdlib.
+        calls are submitted at once, or with ``buffersize`` (as in Python
+        3.14) only that many ahead of the results taken, the inputs read as
+        needed. The first exception is raised when its result is reached;
+        ``timeout`` bounds the whole iteration (``concurrent.futures.TimeoutError``).
+        When the iteration ends early (an exception, or closing or dropping the
+        iterator after its first ``next()``) the calls that have not started
+        are cancelled, including the one waited for; an iterator closed before
+        it ever ran cancels nothing, as in the stdlib. ``chunksize`` is
+        accepted and ignored, as by ThreadPoolExecutor.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if key is not None and not callable(key):
             raise TypeError(f"key must be callable or None, got {type(key).__name__}")
         timeout = _check_timeout("timeout", timeout)
+        if buffersize is not None:
+            _check_count("buffersize", buffersize)
         end = None if timeout is None else time.monotonic() + timeout
         submit: Callable[..., KeyedFuture[R]] = self.submit
-        fs: list[KeyedFuture[R]] = []
+        calls = zip(*iterables)
+        fs: deque[KeyedFuture[R]] = deque()
         try:
-            for args in zip(*iterables):
+            for args in calls if buffersize is None else itertools.islice(calls, buffersize):
                 fs.append(submit(object() if key is None else key(*args), fn, *args))
         except BaseException:
             for f in fs:
                 f.cancel()
             raise
-        return _results(fs, end)
+        if buffersize is None:
+            return _results(fs, end, None)
+        # A weak reference, as in the stdlib: the iterator does not keep the executor alive.
+        return _results(fs, end, functools.partial(_submit_next, weakref.ref(self), calls, fn, key))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks (later submits raise RuntimeError).
@@ -422,7 +467,9 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> KeyedFuture[R]:
         with self._lock:
             if self._closed:
-                raise RuntimeError("cannot schedule new tasks after this view was shut down")
+                raise RuntimeError(
+                    "cannot schedule new futures after shutdown (this view was shut down)"
+                )
             fut = self._executor.submit(self._key, fn, *args, **kwargs)
             self._futures.add(fut)
         return fut
@@ -443,15 +490,52 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
         return f"<KeyView {state} key={self._key!r} of {self._executor!r}>"
 
 
-def _results(fs: list[KeyedFuture[R]], end: float | None) -> Iterator[R]:
+def _results(
+    fs: deque[KeyedFuture[R]],
+    end: float | None,
+    submit_next: Callable[[], KeyedFuture[R] | None] | None,
+) -> Iterator[R]:
     # A separate generator so that map() submits eagerly, like Executor.map.
-    fs.reverse()  # pop from the end: results are released as they are yielded
+    # Futures are popped as their results are yielded: no reference is kept.
     try:
         while fs:
-            if end is None:
-                yield fs.pop().result()
-            else:
-                yield fs.pop().result(end - time.monotonic())
+            if submit_next is not None:  # buffersize: one more call per result taken
+                ahead = submit_next()
+                if ahead is None:
+                    submit_next = None
+                else:
+                    fs.append(ahead)
+                del ahead
+            yield _result_or_cancel(fs.popleft(), None if end is None else end - time.monotonic())
     finally:
         for f in fs:
             f.cancel()
+
+
+def _result_or_cancel(fut: KeyedFuture[R], timeout: float | None) -> R:
+    """The result; if the wait ends otherwise (timeout, Ctrl-C), the call is not
+    wanted any more: cancel it, as Executor.map does."""
+    try:
+        return fut.result(timeout)
+    except BaseException:
+        fut.cancel()
+        raise
+    finally:
+        del fut  # the traceback keeps this frame: not the future (and its result)
+
+
+def _submit_next(
+    executor_ref: weakref.ref[KeyedExecutor[Any]],
+    calls: Iterator[tuple[Any, ...]],
+    fn: Callable[..., R],
+    key: Callable[..., Any] | None,
+) -> KeyedFuture[R] | None:
+    """map(buffersize=): submit the next call; None at the end of the input, or
+    once the executor is gone."""
+    executor = executor_ref()
+    if executor is None:
+        return None
+    args = next(calls, None)
+    if args is None:
+        return None
+    return executor.submit(object() if key is None else key(*args), fn, *args)

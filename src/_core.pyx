@@ -45,7 +45,7 @@ from keyedexec import _future, _lifecycle
 from keyedexec._future import _SEALS, KeyedFuture
 from keyedexec._report import report_failure
 from keyedexec.context import Context
-from keyedexec.errors import QueueFull
+from keyedexec.errors import BrokenThreadPool, QueueFull
 
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from time import monotonic as _monotonic
@@ -54,6 +54,12 @@ cdef object _PENDING = PENDING
 cdef object _RUNNING = RUNNING
 cdef object _FINISHED = FINISHED
 cdef object _ALL = object()   # cancel_queued(): every key
+cdef str _BROKEN = "A thread initializer failed, the thread pool is not usable anymore"
+
+
+def _broken():
+    """The exception of each task dropped by a broken pool (as ThreadPoolExecutor's)."""
+    return BrokenThreadPool(_BROKEN)
 
 
 cdef extern from "Python.h":
@@ -149,6 +155,7 @@ cdef enum:
     CLOSED_SHUTDOWN = 1
     CLOSED_EXIT = 2
     CLOSED_FORK = 3
+    CLOSED_BROKEN = 4   # a worker's initializer raised
 
 # What happened to a task a worker took (returned by _run).
 cdef enum:
@@ -264,6 +271,9 @@ cdef class Scheduler:
 
     cdef object on_error
     cdef readonly str name
+    cdef str thread_name_prefix
+    cdef object initializer     # None, or called once by each worker before any task
+    cdef tuple initargs
     cdef list _threads          # Thread objects, guarded by _threads_lock
     cdef object _threads_lock
     cdef object _exited         # Condition notified by each exiting worker
@@ -287,7 +297,8 @@ cdef class Scheduler:
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
-                 str name="keyedexec", on_error=None):
+                 str name="keyedexec", on_error=None, str thread_name_prefix="",
+                 initializer=None, tuple initargs=()):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if batch < 1:
@@ -300,6 +311,9 @@ cdef class Scheduler:
         self.idle_timeout = -1.0 if idle_timeout is None else idle_timeout
         self.name = name
         self.on_error = on_error
+        self.thread_name_prefix = thread_name_prefix
+        self.initializer = initializer
+        self.initargs = initargs
         _lifecycle.register(self)
 
     def __dealloc__(self):
@@ -665,7 +679,7 @@ cdef class Scheduler:
             break
         ke_unlock(self.mu)
         if refused == 1:
-            raise RuntimeError(self._closed_message())
+            raise self._closed_error()
         if refused == 2:
             raise QueueFull(f"key {key!r} is full ({self.queue_size} queued) and this job "
                             "runs on that key: waiting would deadlock")
@@ -675,13 +689,17 @@ cdef class Scheduler:
             ke_notify_one(self.work_cv)
         return 1
 
-    cdef str _closed_message(self):
+    cdef object _closed_error(self):
+        """What a submit raises once closed. The stdlib's texts, word for word:
+        code in the wild matches on them."""
         if self.closing == CLOSED_EXIT:
-            return "cannot schedule new tasks after interpreter shutdown"
+            return RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self.closing == CLOSED_FORK:
-            return ("this executor was inherited across os.fork() and cannot run "
-                    "tasks in the child; create a new one")
-        return "cannot schedule new tasks after shutdown"
+            return RuntimeError("this executor was inherited across os.fork() and cannot "
+                                "run tasks in the child; create a new one")
+        if self.closing == CLOSED_BROKEN:
+            return BrokenThreadPool(_BROKEN)
+        return RuntimeError("cannot schedule new futures after shutdown")
 
     cdef int _spawn(self) except -1:
         """Start the worker thread reserved (nthreads += 1) under the mutex."""
@@ -693,7 +711,11 @@ cdef class Scheduler:
             self._spawned += 1
             n = self._spawned
             self._threads.append(t)
-        t.name = f"{self.name}-worker-{n}"
+        # ThreadPoolExecutor's names with a prefix; 0-based, as there.
+        if self.thread_name_prefix:
+            t.name = f"{self.thread_name_prefix}_{n - 1}"
+        else:
+            t.name = f"{self.name}-worker-{n}"
         try:
             t.start()
         except BaseException:
@@ -783,6 +805,8 @@ cdef class Scheduler:
         cdef int status = 0
         cdef bint notify_space, woke, retire = False
         cdef unsigned long me = PyThread_get_thread_ident()
+        if self.initializer is not None:
+            self._initialize_worker()   # if it fails, the loop below only exits
         _acquire(self.mu)
         while True:
             # (mutex held) account for the task that just ran
@@ -871,6 +895,28 @@ cdef class Scheduler:
         Py_XDECREF_raw(held)
         self._notify_exited()
 
+    cdef void _initialize_worker(self) noexcept:
+        """Call the initializer in a new worker. If it raises (logged), the pool is
+        broken, as ThreadPoolExecutor's: submits raise BrokenThreadPool, and the
+        queued tasks are dropped, their futures failed with it. The workers then
+        free the emptied keys and exit, this one included."""
+        try:
+            self.initializer(*self.initargs)
+            return
+        except BaseException as exc:
+            report_failure(f"a worker initializer of {self.name!r} raised: the pool is broken",
+                           exc)
+        _acquire(self.mu)
+        if self.closing != CLOSED_FORK:
+            self.closing = CLOSED_BROKEN
+        ke_unlock(self.mu)
+        ke_notify_all(self.work_cv)
+        ke_notify_all(self.space_cv)
+        try:
+            self.cancel_queued(error=_broken)
+        except BaseException as exc:   # not expected: the futures are done regardless
+            report_failure(f"keyedexec could not fail the tasks of {self.name!r}", exc)
+
     cdef int _run(self, object key, Task *t) noexcept:
         """Run one task with the GIL; never raises. Releases the task's references
         except the future's."""
@@ -956,10 +1002,11 @@ cdef class Scheduler:
     def _close_for_exit(self):
         self._close(CLOSED_EXIT)
 
-    def cancel_queued(self, key=_ALL):
+    def cancel_queued(self, key=_ALL, error=None):
         """Drop queued tasks (all, or one key's) that have not started.
 
-        Their futures are cancelled (and waiters notified). Returns how many.
+        Their futures are cancelled (and waiters notified), or, given ``error``,
+        fail with the exception it makes. Returns how many.
         """
         cdef size_t i, n = 0, need, cap = 0
         cdef Py_hash_t h = 0
@@ -1000,18 +1047,24 @@ cdef class Scheduler:
             raise
         if blocked and n:
             ke_notify_all(self.space_cv)   # submitters waiting on a full key
-        return self._cancel_dropped(dropped, n, cap)
+        return self._cancel_dropped(dropped, n, cap, error)
 
-    cdef Py_ssize_t _cancel_dropped(self, Task *dropped, size_t n, size_t cap) except -1:
-        """Cancel the futures of ``n`` tasks taken out of their rings, then
-        release them and the buffer (``cap`` tasks). Returns ``n``."""
+    cdef Py_ssize_t _cancel_dropped(self, Task *dropped, size_t n, size_t cap,
+                                    object error) except -1:
+        """Cancel the futures of ``n`` tasks taken out of their rings (or fail
+        them with what ``error()`` makes), then release them and the buffer
+        (``cap`` tasks). Returns ``n``."""
         cdef size_t i
         first_error = None   # one failure (a Ctrl-C) must not leave the rest pending
         try:
             for i in range(n):
                 if dropped[i].fut is not NULL:
                     try:
-                        (<object>dropped[i].fut)._cancel_queued()
+                        if error is None:
+                            (<object>dropped[i].fut)._cancel_queued()
+                        else:
+                            (<object>dropped[i].fut)._fail_queued(
+                                error(), dropped[i].kind & K_ERRVAL != 0)
                     except BaseException as exc:
                         if first_error is None:
                             first_error = exc
@@ -1052,7 +1105,7 @@ cdef class Scheduler:
                     n = 1
                     break
         ke_unlock(self.mu)
-        return self._cancel_dropped(taken, n, 1) == 1
+        return self._cancel_dropped(taken, n, 1, None) == 1
 
     cdef int _live_workers(self) except -1:
         _acquire(self.mu)

@@ -780,7 +780,7 @@ def test_run_after_shutdown(impl: Any) -> None:
     ex.shutdown()
     assert ex.closed
     for call in _submit_family(ex, "k", print):
-        with pytest.raises(RuntimeError, match="cannot schedule new tasks after shutdown"):
+        with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
             call()
     with pytest.raises(RuntimeError):
         ex.map(abs, [1])
