@@ -51,10 +51,10 @@ def test_eq_that_submits_from_many_threads_on_small_stacks(impl: Any) -> None:
                 return isinstance(other, Key) and self.v == other.v
 
         def produce(base):
-            for i in range(1500):
-                ex.execute(Key(base + i % 4), ran.append, 1)
+            for i in range(3000):  # up to 600 live keys of one hash: many compares per submit
+                ex.execute(Key(base + i % 200), ran.append, 1)
 
-        threads = [threading.Thread(target=produce, args=(n * 10,)) for n in range(3)]
+        threads = [threading.Thread(target=produce, args=(n * 100000,)) for n in range(3)]
         for t in threads:
             t.start()
         for t in threads:
