@@ -444,3 +444,59 @@ def test_signal_raising_inside_submit_keeps_the_state_true(impl: Any) -> None:
             m.pending, ticks > 0)
     """, timeout=50)
     assert _ok(proc) == ["True True 0 True"]
+
+
+# -- the native core's unlocked key comparison --------------------------------------------------
+
+
+class _Slow:
+    """A key of hash 7 whose __eq__ can be held open (``hold``) on its first call
+    (a dict, and the core, call the stored key's __eq__ first)."""
+
+    def __init__(self, v: int, hold: threading.Event | None = None,
+                 comparing: threading.Event | None = None) -> None:
+        self.v, self.hold, self.comparing = v, hold, comparing
+
+    def __hash__(self) -> int:
+        return 7
+
+    def __eq__(self, other: object) -> bool:
+        if self.hold is not None and self.comparing is not None:
+            hold, self.hold = self.hold, None
+            self.comparing.set()
+            assert hold.wait(10)
+        return isinstance(other, _Slow) and other.v == self.v
+
+
+@pytest.mark.native_only
+@pytest.mark.timeout(30)
+def test_key_inserted_while_another_compares_unlocked(h: Any) -> None:
+    """The native core compares non-plain keys with its lock released. While B
+    is being compared with A, an equal key C is queued: B's answer ("no match")
+    is stale, and B must be queued behind C on the same key, not get a second
+    state (two tasks of one key would run at once)."""
+    ex = h.executor(2)  # both busy (A, C) when B is queued: no worker start re-runs B's lookup
+    hold, comparing = threading.Event(), threading.Event()
+    gate_a, _ = h.block(ex, _Slow(1, hold, comparing))  # A: its __eq__ is held open
+    order: list[str] = []
+    gate_c = h.gate()
+
+    def c_task() -> None:
+        order.append("c start")
+        gate_c.wait(10)
+        order.append("c end")
+
+    submitted = threading.Thread(
+        target=lambda: ex.submit(_Slow(2), order.append, "b"))
+    submitted.start()
+    assert comparing.wait(10)  # A == B runs, with the core's lock released
+    fc = ex.submit(_Slow(2), c_task)
+    assert wait_until(lambda: order == ["c start"])
+    hold.set()
+    submitted.join(10)
+    assert ex.metrics().active_keys == 2  # A, and C with B queued behind it
+    assert ex.pending(_Slow(2)) == 1
+    gate_c.set()
+    fc.result(10)
+    assert wait_until(lambda: order == ["c start", "c end", "b"])
+    gate_a.set()
