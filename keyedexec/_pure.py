@@ -38,6 +38,7 @@ K_CTX = 4
 
 OPEN, CLOSED_SHUTDOWN, CLOSED_EXIT, CLOSED_FORK, CLOSED_BROKEN = range(5)
 T_OK, T_RAISED, T_SKIPPED = 1, 2, 3
+_STARTING, _STARTED, _ABANDONED = range(3)  # a worker thread's start (_spawn's token)
 
 # The stdlib's texts, word for word: code in the wild matches on them.
 _CLOSED_MESSAGES = {
@@ -388,26 +389,47 @@ class Scheduler:
                                "while this thread holds the scheduler's lock")
 
     def _spawn(self) -> None:
-        # Nothing is allocated under _threads_lock: an allocation may run the GC,
-        # and a finalizer that submits may need to spawn a worker too.
-        t = threading.Thread(target=self._worker_main)
-        with self._threads_lock:
-            self._spawned += 1
-            n = self._spawned
-            self._threads.append(t)
-        # ThreadPoolExecutor's names with a prefix; 0-based, as there.
-        prefix = self._thread_name_prefix
-        t.name = f"{prefix}_{n - 1}" if prefix else f"{self.name}-worker-{n}"
+        """Start the worker thread reserved (nthreads += 1) under the lock; a
+        failed start gives the reservation back unless the thread already runs
+        (the token decides, as in the native core)."""
+        token = [_STARTING]
+        t = None
         try:
+            t = threading.Thread(target=self._worker_main, args=(token,))
+            # Nothing is allocated under _threads_lock: an allocation may run the
+            # GC, and a finalizer that submits may need to spawn a worker too.
+            with self._threads_lock:
+                self._spawned += 1
+                n = self._spawned
+                self._threads.append(t)
+            # ThreadPoolExecutor's names with a prefix; 0-based, as there.
+            prefix = self._thread_name_prefix
+            t.name = f"{prefix}_{n - 1}" if prefix else f"{self.name}-worker-{n}"
             t.start()
         except BaseException:
             with self._threads_lock:
-                self._threads.remove(t)
-            with self._lock:
-                self._nthreads -= 1
-            self._after_unlock()
-            self._notify_exited()
+                abandoned = token[0] == _STARTING
+                if abandoned:
+                    token[0] = _ABANDONED
+                    if t is not None and t in self._threads:
+                        self._threads.remove(t)
+            if abandoned:
+                try:
+                    with self._lock:
+                        self._nthreads -= 1
+                finally:
+                    self._after_unlock()
+                self._notify_exited()
             raise
+
+    def _claim_start(self, token: list[int]) -> bool:
+        """A new worker's first step: False if its spawn failed and gave its
+        reservation back (see _spawn), when it must exit at once."""
+        with self._threads_lock:
+            if token[0] == _ABANDONED:
+                return False
+            token[0] = _STARTED
+            return True
 
     def _notify_exited(self) -> None:
         """A worker exits (or failed to start): forget the threads that have
@@ -471,7 +493,9 @@ class Scheduler:
 
     # -- the worker -------------------------------------------------------------------
 
-    def _worker_main(self) -> None:
+    def _worker_main(self, token: list[int]) -> None:
+        if not self._claim_start(token):
+            return
         if self._initializer is not None:
             self._initialize_worker()  # if it fails, the loop below only exits
         me = _get_ident()
@@ -479,6 +503,7 @@ class Scheduler:
         ks: _KeyState | None = None
         dead: _KeyState | None = None
         served = status = 0
+        fresh = True
         lock.acquire()
         try:
             while True:
@@ -495,6 +520,7 @@ class Scheduler:
                 if ks is not None:
                     if ks.tasks and served < self._batch:
                         task = ks.tasks.popleft()
+                        fresh = False
                         ks.current = task[3]
                         self._pending -= 1
                         self._running += 1
@@ -539,7 +565,8 @@ class Scheduler:
                     lock.acquire()
                     continue
                 self._idle += 1
-                woke = self._work.wait(self._idle_timeout)
+                # One that has run nothing yet does not retire (as in the core).
+                woke = self._work.wait(None if fresh else self._idle_timeout)
                 self._idle -= 1
                 if self._wakeups:
                     self._wakeups -= 1
@@ -711,6 +738,10 @@ class Scheduler:
             self._after_unlock()
         return _cancel_dropped(dropped) == 1
 
+    def check_can_wait(self, what: str) -> None:
+        """RuntimeError if waiting here would deadlock (see _refuse_reentry)."""
+        self._refuse_reentry(what)
+
     def _live_workers(self) -> int:
         self._refuse_reentry("waiting for the workers")
         return self._nthreads  # one attribute read: atomic
@@ -808,15 +839,24 @@ class Scheduler:
         self._after_unlock()
 
     def _after_fork_child(self) -> None:
+        me = threading.current_thread()
+        survivor = me in self._threads  # a task forked: its worker lives on here
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
         self._threads_lock = threading.Lock()
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self._closing = CLOSED_FORK
-        self._nthreads = self._idle = self._wakeups = self._blocked = 0
-        self._threads = []
+        self._idle = self._wakeups = self._blocked = self._joining = 0
+        self._nthreads = 1 if survivor else 0
+        self._threads = [me] if survivor else []
         self._deferred, self._draining = {}, set()
         self.cancel_queued()
-        cancel_orphans(ks.current for ks in list(self._keys.values()))
+        # The tasks the parent's other workers were running never end here:
+        # counted as cancelled, their futures cancelled (the native core's
+        # _cancel_orphans). Their keys stay busy: the executor is closed.
+        orphaned = [ks for ks in self._keys.values() if ks.runner not in (0, _get_ident())]
+        self._running -= len(orphaned)
+        self._cancelled += len(orphaned)
+        cancel_orphans(ks.current for ks in orphaned)
 

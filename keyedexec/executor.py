@@ -305,6 +305,7 @@ class KeyedExecutor(Generic[K]):
         for itself forever).
         """
         timeout = _check_timeout("timeout", timeout)
+        self._sched.check_can_wait("waiting for a key")
         if self._sched.serving(key):
             raise RuntimeError(f"wait_key({key!r}) from a task of that key would deadlock")
         end = None if timeout is None else time.monotonic() + timeout
@@ -316,8 +317,15 @@ class KeyedExecutor(Generic[K]):
                 barrier = self._sched.submit(key, _noop)
             except RuntimeError:
                 # Shut down: the workers drain every key, so wait for all of them.
-                done: bool = self._sched.join(remaining)
-                return done
+                # From a task, join() waits for neither its own worker nor those
+                # in join() too: then look at the key itself until it is done.
+                if not self._sched.join(remaining):
+                    return False
+                while self._sched.key_active(key):
+                    if end is not None and time.monotonic() >= end:
+                        return False
+                    time.sleep(0.005)
+                return True
             try:
                 barrier.result(remaining)
                 return True

@@ -37,7 +37,7 @@ from libc.stdint cimport uint32_t, uint64_t
 # pymalloc arenas, which go back to the OS once a burst of keys has drained, and
 # tracemalloc sees them. Large blocks are mapped directly (_block_alloc).
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import threading
 
@@ -54,6 +54,8 @@ cdef object _PENDING = PENDING
 cdef object _RUNNING = RUNNING
 cdef object _FINISHED = FINISHED
 cdef object _ALL = object()   # cancel_queued(): every key
+# A worker thread's start (_spawn's token).
+cdef int _STARTING = 0, _STARTED = 1, _ABANDONED = 2
 cdef str _BROKEN = "A thread initializer failed, the thread pool is not usable anymore"
 
 
@@ -165,8 +167,7 @@ cdef enum:
 
 DEF MIN_TABLE_BITS = 6
 DEF SPINS = 100
-DEF GEN_MASK = 63        # stripes of the key-table generation counters (_locate)
-DEF INLINE_CANDIDATES = 8
+DEF INLINE_COMPARED = 8   # _locate's keys compared unlocked, before it allocates
 
 
 ctypedef struct Task:
@@ -189,8 +190,17 @@ ctypedef struct KeyState:
     uint32_t flags
     unsigned long runner    # thread ident of the worker serving it, or 0
     PyObject *current       # the future of the task it runs (owned), or NULL: see fork
+    uint64_t serial         # tells it from a later state at the same address (_locate)
     KeyState *next          # ready-queue link
     Task slot0
+
+
+# A key of the same hash that _locate compared with the mutex released.
+ctypedef struct Compared:
+    PyObject *key
+    KeyState *ks
+    uint64_t serial
+    int equal
 
 
 cdef inline size_t _home(Py_hash_t h, int shift) noexcept nogil:
@@ -198,19 +208,30 @@ cdef inline size_t _home(Py_hash_t h, int shift) noexcept nogil:
     return <size_t>((<uint64_t>h * <uint64_t>0x9E3779B97F4A7C15ULL) >> shift)
 
 
-cdef bint _plain(PyObject *o, int depth) noexcept:
-    """True if comparing ``o`` with another plain object runs no Python code:
-    exact str, int, bool, float, bytes, tuples of plain objects, and objects
-    whose type compares by identity (``object.__eq__``, e.g. None)."""
-    cdef PyTypeObject_rc *tp = <PyTypeObject_rc *>Py_TYPE_raw(o)
-    cdef Py_ssize_t i
-    if (tp == &PyUnicode_Type or tp == &PyLong_Type or tp == &PyFloat_Type
-            or tp == &PyBytes_Type or tp == &PyBool_Type
-            or tp.tp_richcompare == PyBaseObject_Type.tp_richcompare):
+cdef inline bint _numeric(PyTypeObject_rc *tp) noexcept:
+    return tp == &PyLong_Type or tp == &PyBool_Type or tp == &PyFloat_Type
+
+
+cdef bint _plain_pair(PyObject *a, PyObject *b, int depth) noexcept:
+    """True if ``a == b`` runs no Python code (and warns of nothing: str and
+    bytes under ``python -b`` would): two str, two bytes, numbers (int, bool,
+    float), two objects compared by identity (``object.__eq__``, e.g. None),
+    and tuples whose items pair up so."""
+    cdef PyTypeObject_rc *ta = <PyTypeObject_rc *>Py_TYPE_raw(a)
+    cdef PyTypeObject_rc *tb = <PyTypeObject_rc *>Py_TYPE_raw(b)
+    cdef Py_ssize_t i, n
+    if ta == tb and (ta == &PyUnicode_Type or ta == &PyBytes_Type):
         return True
-    if tp == &PyTuple_Type and depth < 4:
-        for i in range(PyTuple_GET_SIZE_raw(o)):
-            if not _plain(PyTuple_GET_ITEM_raw(o, i), depth + 1):
+    if _numeric(ta) and _numeric(tb):
+        return True
+    if (ta.tp_richcompare == PyBaseObject_Type.tp_richcompare
+            and tb.tp_richcompare == PyBaseObject_Type.tp_richcompare):
+        return True
+    if ta == &PyTuple_Type and tb == &PyTuple_Type and depth < 4:
+        # Tuples compare their items up to the shorter length, even for ==.
+        n = min(PyTuple_GET_SIZE_raw(a), PyTuple_GET_SIZE_raw(b))
+        for i in range(n):
+            if not _plain_pair(PyTuple_GET_ITEM_raw(a, i), PyTuple_GET_ITEM_raw(b, i), depth + 1):
                 return False
         return True
     return False
@@ -263,10 +284,7 @@ cdef class Scheduler:
 
     cdef Py_ssize_t running, pending
     cdef unsigned long long submitted, completed, failed, cancelled
-    # Bumped (mutex held) whenever a key of hash h & GEN_MASK enters or leaves
-    # the table: _locate compares keys without the mutex and trusts its answer
-    # only if the stripe's count did not move meanwhile.
-    cdef uint32_t gens[GEN_MASK + 1]
+    cdef uint64_t serials       # KeyState.serial of the last state made (_locate)
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
     cdef object on_error
@@ -340,105 +358,93 @@ cdef class Scheduler:
         """``key``'s state, or NULL if it has none. Returns with the mutex HELD;
         raises (an ``__eq__`` that raised, MemoryError) with it released.
 
-        No Python code runs under the mutex (module docstring): a different
-        key of the same hash is compared in place only if both are _plain;
-        otherwise its key is taken (a reference), the mutex released, the two
-        compared, and the mutex taken again. The answer is used if no key of
-        the hash's stripe entered or left the table meanwhile (gens); else the
-        lookup starts over. A key whose __eq__ uses the scheduler (or a
-        finalizer that runs there) is therefore just another caller.
+        No Python code runs under the mutex (module docstring): ``key`` is
+        compared there only with keys for which that is plain C
+        (_plain_pair). A key of the same hash that needs Python is compared
+        with the mutex released (a reference to it held), and the answer kept
+        with that state's serial number. The lookup ends once every state of
+        the hash now in the table has been compared, so keys that come and go
+        meanwhile only cost comparisons with the new ones. A key whose
+        ``__eq__`` uses the scheduler (or a finalizer that runs there) is
+        therefore just another caller.
         """
-        cdef bint plain = _plain(<PyObject *>key, 0)
-        cdef PyObject *inline_keys[INLINE_CANDIDATES]
-        cdef KeyState *inline_states[INLINE_CANDIDATES]
-        cdef PyObject **keys = inline_keys
-        cdef KeyState **states = inline_states
-        cdef size_t cap = INLINE_CANDIDATES, n = 0, i
-        cdef Py_ssize_t match = -1
-        cdef uint32_t gen = 0
-        cdef bint decided = False
+        cdef Compared inline_seen[INLINE_COMPARED]
+        cdef Compared *seen = inline_seen   # [0, nseen): compared; then: to compare
+        cdef size_t cap = INLINE_COMPARED, nseen = 0, n, i, j
+        cdef KeyState *ks
         cdef KeyState *found
         cdef void *grown
+        cdef int eq
+        cdef size_t mask
         try:
             while True:
                 _acquire(self.mu)
-                if decided:
-                    if self.gens[h & GEN_MASK] == gen:
-                        return states[match] if match >= 0 else NULL
-                    decided = False
-                n = self._scan(key, h, plain, keys, states, cap, &found)
+                found = NULL
+                n = 0
+                mask = (<size_t>1 << self.bits) - 1
+                i = _home(h, 64 - self.bits)
+                while self.slots[i] is not NULL:
+                    ks = self.slots[i]
+                    i = (i + 1) & mask
+                    if ks.hash != h:
+                        continue
+                    if ks.key is <PyObject *>key:
+                        found = ks
+                        break
+                    if _plain_pair(ks.key, <PyObject *>key, 0):
+                        eq = PyObject_RichCompareBool_raw(ks.key, <PyObject *>key, Py_EQ)
+                        if eq == 1:
+                            found = ks
+                            break
+                        if eq == 0:
+                            continue
+                        PyErr_Clear()   # cannot happen for plain pairs; compare unlocked
+                    for j in range(nseen):
+                        if seen[j].ks is ks and seen[j].serial == ks.serial:
+                            break
+                    else:
+                        j = nseen
+                    if j < nseen:   # compared already, and still the same state
+                        if seen[j].equal:
+                            found = ks
+                            break
+                        continue
+                    if nseen + n < cap:
+                        seen[nseen + n].key = ks.key
+                        seen[nseen + n].ks = ks
+                        seen[nseen + n].serial = ks.serial
+                    n += 1
                 if found is not NULL or n == 0:
                     return found
-                if n > cap:   # more colliding keys than room: grow, outside the mutex
+                if nseen + n > cap:   # more colliding keys than room: grow, unlocked
                     ke_unlock(self.mu)
-                    if keys is inline_keys:
-                        keys = NULL
-                        states = NULL
-                    grown = PyMem_Realloc(keys, n * sizeof(PyObject *))
+                    grown = PyMem_Malloc((nseen + n) * 2 * sizeof(Compared))
                     if grown is NULL:
                         raise MemoryError()
-                    keys = <PyObject **>grown
-                    grown = PyMem_Realloc(states, n * sizeof(KeyState *))
-                    if grown is NULL:
-                        raise MemoryError()
-                    states = <KeyState **>grown
-                    cap = n
+                    memcpy(grown, seen, nseen * sizeof(Compared))
+                    if seen is not inline_seen:
+                        PyMem_Free(seen)
+                    seen = <Compared *>grown
+                    cap = (nseen + n) * 2
                     continue
-                for i in range(n):
-                    Py_INCREF_raw(keys[i])   # alive while compared, whatever the table does
-                gen = self.gens[h & GEN_MASK]
+                for i in range(nseen, nseen + n):
+                    Py_INCREF_raw(seen[i].key)   # alive while compared, whatever the table does
                 ke_unlock(self.mu)
-                match = -1
+                j = nseen + n
                 try:
-                    for i in range(n):
+                    for i in range(nseen, nseen + n):
                         # As a dict does: the stored key's __eq__ first.
-                        if PyObject_RichCompareBool(keys[i], <PyObject *>key, Py_EQ):
-                            match = <Py_ssize_t>i
+                        seen[i].equal = PyObject_RichCompareBool(seen[i].key, <PyObject *>key, Py_EQ)
+                        if seen[i].equal:
+                            j = i + 1   # the rest need no comparison if this one stays
                             break
                 finally:
-                    for i in range(n):
-                        Py_DECREF_raw(keys[i])
-                decided = True
+                    for i in range(nseen, nseen + n):
+                        Py_DECREF_raw(seen[i].key)
+                nseen = j
         finally:
-            if keys is not inline_keys:
-                PyMem_Free(keys)
-            if states is not inline_states:
-                PyMem_Free(states)
-
-    cdef size_t _scan(self, object key, Py_hash_t h, bint plain, PyObject **keys,
-                      KeyState **states, size_t cap, KeyState **found) noexcept:
-        """(mutex held) One probe of the table for ``key``: sets ``found`` to
-        its state if the key is there by identity or by a plain comparison;
-        otherwise returns how many keys of the same hash need a Python
-        comparison, storing the first ``cap`` of them in keys/states."""
-        cdef size_t mask = (<size_t>1 << self.bits) - 1
-        cdef size_t i = _home(h, 64 - self.bits)
-        cdef size_t n = 0
-        cdef KeyState *ks
-        cdef int eq
-        found[0] = NULL
-        while True:
-            ks = self.slots[i]
-            if ks is NULL:
-                return n
-            if ks.hash == h:
-                if ks.key is <PyObject *>key:
-                    found[0] = ks
-                    return 0
-                eq = -1
-                if plain and _plain(ks.key, 0):
-                    eq = PyObject_RichCompareBool_raw(ks.key, <PyObject *>key, Py_EQ)
-                    if eq == 1:
-                        found[0] = ks
-                        return 0
-                    if eq < 0:   # cannot happen for plain objects; compare again unlocked
-                        PyErr_Clear()
-                if eq != 0:
-                    if n < cap:
-                        keys[n] = ks.key
-                        states[n] = ks
-                    n += 1
-            i = (i + 1) & mask
+            if seen is not inline_seen:
+                PyMem_Free(seen)
 
     cdef int _resize(self, int bits) noexcept:
         """Rehash into 2**bits slots (mutex held). -1: out of memory, unchanged."""
@@ -485,7 +491,8 @@ cdef class Scheduler:
         self.slots[pos] = ks
         self.nkeys += 1
         self.nbytes += sizeof(KeyState)
-        self.gens[h & GEN_MASK] += 1
+        self.serials += 1
+        ks.serial = self.serials
         return ks
 
     cdef void _remove(self, KeyState *ks) noexcept:
@@ -494,7 +501,6 @@ cdef class Scheduler:
         cdef int shift = 64 - self.bits
         cdef size_t i = _home(ks.hash, shift)
         cdef size_t j, k
-        self.gens[ks.hash & GEN_MASK] += 1
         while self.slots[i] is not ks:
             i = (i + 1) & mask
         # Backward-shift deletion keeps every probe chain unbroken.
@@ -702,31 +708,54 @@ cdef class Scheduler:
         return RuntimeError("cannot schedule new futures after shutdown")
 
     cdef int _spawn(self) except -1:
-        """Start the worker thread reserved (nthreads += 1) under the mutex."""
+        """Start the worker thread reserved (nthreads += 1) under the mutex.
+
+        If anything fails on the way (creating, naming or starting the thread,
+        a signal handler's exception included), the reservation is given back,
+        unless the thread already runs: then it accounts for itself. The
+        token decides which, under _threads_lock: the worker claims it when
+        it starts (_claim_start), a failed spawn abandons it.
+        """
         cdef int n
-        # Nothing is allocated under _threads_lock: an allocation may run the GC,
-        # and a finalizer that submits may need to spawn a worker too.
-        t = threading.Thread(target=self._worker_main)
-        with self._threads_lock:
-            self._spawned += 1
-            n = self._spawned
-            self._threads.append(t)
-        # ThreadPoolExecutor's names with a prefix; 0-based, as there.
-        if self.thread_name_prefix:
-            t.name = f"{self.thread_name_prefix}_{n - 1}"
-        else:
-            t.name = f"{self.name}-worker-{n}"
+        token = [_STARTING]
+        t = None
         try:
+            t = threading.Thread(target=self._worker_main, args=(token,))
+            # Nothing is allocated under _threads_lock: an allocation may run the
+            # GC, and a finalizer that submits may need to spawn a worker too.
+            with self._threads_lock:
+                self._spawned += 1
+                n = self._spawned
+                self._threads.append(t)
+            # ThreadPoolExecutor's names with a prefix; 0-based, as there.
+            if self.thread_name_prefix:
+                t.name = f"{self.thread_name_prefix}_{n - 1}"
+            else:
+                t.name = f"{self.name}-worker-{n}"
             t.start()
         except BaseException:
             with self._threads_lock:
-                self._threads.remove(t)
-            _acquire(self.mu)
-            self.nthreads -= 1
-            ke_unlock(self.mu)
-            self._notify_exited()
+                abandoned = token[0] == _STARTING
+                if abandoned:
+                    token[0] = _ABANDONED
+                    if t is not None and t in self._threads:
+                        self._threads.remove(t)
+            if abandoned:
+                _acquire(self.mu)
+                self.nthreads -= 1
+                ke_unlock(self.mu)
+                self._notify_exited()
             raise
         return 0
+
+    def _claim_start(self, token):
+        """A new worker's first step: False if its spawn failed and gave its
+        reservation back (see _spawn), when it must exit at once."""
+        with self._threads_lock:
+            if token[0] == _ABANDONED:
+                return False
+            token[0] = _STARTED
+            return True
 
     cdef void _notify_exited(self) noexcept:
         """A worker exits (or failed to start): forget the threads that have
@@ -795,7 +824,7 @@ cdef class Scheduler:
 
     # -- the worker ----------------------------------------------------------------
 
-    def _worker_main(self):
+    def _worker_main(self, token):
         """Body of a worker thread: serve ready keys until shut down (or idle)."""
         cdef KeyState *ks = NULL
         cdef KeyState *dead = NULL
@@ -803,8 +832,11 @@ cdef class Scheduler:
         cdef Task t
         cdef uint32_t served = 0
         cdef int status = 0
-        cdef bint notify_space, woke, retire = False
+        cdef bint notify_space, woke, retire = False, fresh = True
+        cdef double wait
         cdef unsigned long me = PyThread_get_thread_ident()
+        if not self._claim_start(token):
+            return
         if self.initializer is not None:
             self._initialize_worker()   # if it fails, the loop below only exits
         _acquire(self.mu)
@@ -829,6 +861,7 @@ cdef class Scheduler:
                     self.pending -= 1
                     self.running += 1
                     served += 1
+                    fresh = False
                     ks.current = t.fut   # _run leaves the task's reference to it
                     notify_space = self.blocked > 0
                     ke_unlock(self.mu)
@@ -875,8 +908,11 @@ cdef class Scheduler:
                 continue
             # Nothing to do: wait without the GIL.
             self.idle += 1
+            # A worker that has run nothing yet does not retire: it was started
+            # for a task about to be queued (_push), which would start it again.
+            wait = -1.0 if fresh else self.idle_timeout
             with nogil:
-                woke = ke_wait(self.work_cv, self.mu, self.idle_timeout)
+                woke = ke_wait(self.work_cv, self.mu, wait)
                 self.idle -= 1
                 if self.wakeups:
                     self.wakeups -= 1
@@ -1107,6 +1143,10 @@ cdef class Scheduler:
         ke_unlock(self.mu)
         return self._cancel_dropped(taken, n, 1, None) == 1
 
+    def check_can_wait(self, what):
+        """RuntimeError if waiting here would deadlock: never, since no Python
+        code runs under the mutex (the pure scheduler's finalizers may)."""
+
     cdef int _live_workers(self) except -1:
         _acquire(self.mu)
         n = self.nthreads
@@ -1229,34 +1269,46 @@ cdef class Scheduler:
         ke_unlock(self.mu)
 
     def _after_fork_child(self):
-        # Worker threads are gone; condition variables they waited on may be
-        # unusable, so start from fresh ones (the old ones are leaked on purpose).
+        # Worker threads are gone, but for this one if a task forked; condition
+        # variables they waited on may be unusable, so start from fresh ones
+        # (the old ones are leaked on purpose).
+        me = threading.current_thread()
+        survivor = me in self._threads   # a task forked: its worker lives on here
         self.mu = ke_mutex_new()
         self.work_cv = ke_cond_new()
         self.space_cv = ke_cond_new()
         self._threads_lock = threading.Lock()
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self.closing = CLOSED_FORK
-        self.nthreads = 0
+        self.nthreads = 1 if survivor else 0
         self.idle = 0
         self.wakeups = 0
         self.blocked = 0
-        self._threads = []
+        self._joining = 0
+        self._threads = [me] if survivor else []
         self.cancel_queued()
         self._cancel_orphans()
 
     cdef int _cancel_orphans(self) except -1:
-        """(fork child) The tasks the parent's workers were running never end
-        here: cancel their futures, so that every future ends done."""
+        """(fork child) The tasks the parent's other workers were running never
+        end here: count them as cancelled and cancel their futures, so that
+        every future ends done. Their keys stay busy: the executor is closed."""
         cdef size_t i
+        cdef Py_ssize_t n = 0
         cdef KeyState *ks
+        cdef unsigned long me = PyThread_get_thread_ident()
         orphans = []
-        for i in range(<size_t>1 << self.bits):   # no other thread exists here
+        for i in range(<size_t>1 << self.bits):   # no other thread runs here
             ks = self.slots[i]
-            if ks is not NULL and ks.current is not NULL:
+            if ks is NULL or ks.runner == 0 or ks.runner == me:
+                continue
+            n += 1
+            if ks.current is not NULL:
                 orphans.append(<object>ks.current)
                 Py_DECREF_raw(ks.current)   # the list's reference replaces the key's
                 ks.current = NULL
+        self.running -= n
+        self.cancelled += n
         _lifecycle.cancel_orphans(orphans)
         return 0
 

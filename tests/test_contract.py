@@ -500,3 +500,249 @@ def test_key_inserted_while_another_compares_unlocked(h: Any) -> None:
     fc.result(10)
     assert wait_until(lambda: order == ["c start", "c end", "b"])
     gate_a.set()
+
+
+# -- found by the second break round --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.timeout(30)
+def test_worker_thread_that_fails_before_starting_gives_its_slot_back(
+    impl: Any, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    """Creating or naming the worker's Thread raised (a signal handler may, too):
+    the reserved worker slot must be given back, or later tasks never run."""
+    ex = impl.KeyedExecutor(1)
+    original = threading.Thread.__init__
+    once = [1]
+
+    def failing_init(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if once:
+            once.pop()
+            raise error("can't start new thread")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "__init__", failing_init)
+            with pytest.raises(error):
+                ex.submit("a", int)
+        m = ex.metrics()
+        assert (m.workers, m.pending, m.submitted) == (0, 0, 0), m
+        assert ex.submit("b", lambda: "ran").result(10) == "ran"
+    finally:
+        ex.shutdown(wait=True)
+    assert ex.metrics().workers == 0
+
+
+@pytest.mark.timeout(30)
+def test_worker_thread_started_before_start_raised_is_counted_once(
+    impl: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread.start() raised (Ctrl-C) after the thread had started: it runs and
+    accounts for itself; the pool never exceeds its size, and ends at zero."""
+    ex = impl.KeyedExecutor(1)
+    original = threading.Thread.start
+    once = [1]
+
+    def interrupted_start(self: threading.Thread) -> None:
+        original(self)
+        if once:
+            once.pop()
+            raise KeyboardInterrupt
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", interrupted_start)
+            with pytest.raises(KeyboardInterrupt):
+                ex.submit("a", int)
+        running: list[int] = []
+        most = [0]
+        lock = threading.Lock()
+
+        def task() -> None:
+            with lock:
+                running.append(1)
+                most[0] = max(most[0], len(running))
+            time.sleep(0.02)
+            with lock:
+                running.pop()
+
+        cf.wait([ex.submit(k, task) for k in range(4)], timeout=10)
+        assert most[0] == 1
+        assert ex.metrics().workers == 1
+    finally:
+        ex.shutdown(wait=True)
+    assert ex.metrics().workers == 0
+
+
+class _CountingKey:
+    calls = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        return 7
+
+    def __eq__(self, other: object) -> bool:
+        type(self).calls += 1
+        time.sleep(0.01)
+        return isinstance(other, _CountingKey) and other.name == self.name
+
+
+@pytest.mark.timeout(30)
+def test_lookup_is_not_starved_by_other_keys_coming_and_going(h: Any) -> None:
+    """Keys of other hashes entering and leaving the table while a key's Python
+    __eq__ runs unlocked must not make the lookup start over (the core once
+    retried on any change in the hash's stripe: 496 comparisons in 10 s)."""
+    ex = h.executor(2)
+    gate, _ = h.block(ex, _CountingKey("a"))
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            ex.execute(7 + 64 * (1 + i % 50), int)  # same low bits as hash 7
+            i += 1
+            time.sleep(0.0002)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        _CountingKey.calls = 0
+        f = ex.submit(_CountingKey("a"), lambda: "queued")
+        assert _CountingKey.calls == 1
+    finally:
+        stop.set()
+        churner.join(10)
+    gate.set()
+    assert f.result(10) == "queued"
+
+
+@pytest.mark.timeout(60)
+def test_str_and_bytes_keys_under_python_b(impl: Any) -> None:
+    """hash("abc") == hash(b"abc"); under python -b comparing them warns, which
+    runs Python code (warnings.showwarning): that must not happen under the
+    native core's lock (a showwarning that reads the executor deadlocked)."""
+    import subprocess
+
+    from test_process import _child_env, _script
+
+    cmd = _script(impl, """
+        import threading, warnings
+        from keyedexec import KeyedExecutor
+        ex = KeyedExecutor(2)
+        seen = []
+        warnings.showwarning = lambda *a, **k: seen.append(ex.metrics().pending)
+        ev = threading.Event()
+        ex.submit("abc", ev.wait, 10)
+        ex.submit(b"abc", int).result(10)
+        ev.set()
+        ex.shutdown()
+        say(len(seen) > 0)
+    """)
+    proc = subprocess.run([cmd[0], "-b", *cmd[1:]], env=_child_env(impl), capture_output=True,
+                          text=True, timeout=50)
+    assert _ok(proc) == ["True"]
+
+
+@pytest.mark.timeout(30)
+def test_wait_key_from_a_keys_eq(h: Any) -> None:
+    """wait_key from a key's __eq__: the native core runs it unlocked, so it
+    works; the pure scheduler runs it under its lock, so it raises
+    RuntimeError (it used to hang every worker)."""
+    ex = h.executor(2)
+    outcome: list[str] = []
+
+    class Key:
+        def __init__(self, v: str) -> None:
+            self.v = v
+
+        def __hash__(self) -> int:
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            if "probe" in (self.v, getattr(other, "v", None)) and not outcome:
+                try:
+                    outcome.append(f"waited {ex.wait_key('other', timeout=5)}")
+                except RuntimeError as exc:
+                    outcome.append(f"refused {exc}")
+            return isinstance(other, Key) and self.v == other.v
+
+    ex.submit("other", time.sleep, 0.05)
+    gate, _ = h.block(ex, Key("x"))
+    assert ex.submit(Key("probe"), lambda: "ran").result(10) == "ran"
+    expected = "waited True" if h.impl.name == "native" else "refused keyedexec: waiting"
+    assert outcome and outcome[0].startswith(expected), outcome
+    gate.set()
+
+
+@pytest.mark.timeout(30)
+def test_wait_key_after_shutdown_from_a_task_is_not_fooled(h: Any) -> None:
+    """Shut down, then wait_key from a task with the only worker busy running
+    it: "b" stays queued, so wait_key must time out (it returned True)."""
+    ex = h.executor(1)
+
+    def task() -> tuple[bool, int]:
+        ex.shutdown(wait=False)
+        return ex.wait_key("b", timeout=0.3), ex.pending("b")
+
+    f = ex.submit("a", task)
+    ex.submit("b", time.sleep, 0.01)
+    assert f.result(10) == (False, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_fork_from_inside_a_task(h: Any) -> None:
+    """A task forks. In the child only that worker thread exists and it lives
+    on: its own future is not cancelled (the task finishes there too), the
+    worker count ends at 0 (it went to -1), the other running task's future is
+    cancelled, and the counters add up."""
+    ex = h.executor(2)
+    gate, other = h.block(ex, "other")
+    holder: dict[str, Any] = {}
+    submitted = threading.Event()
+
+    def check_in_child() -> None:  # a thread of the child; leaves only through os._exit
+        code = 1
+        try:
+            f = holder["f"]
+            ok = f.result(10) == "child" and not f.cancelled() and other.cancelled()
+            ok = ok and wait_until(lambda: ex.metrics().workers == 0, 5)
+            m = ex.metrics()
+            ok = ok and m.workers == 0 and m.submitted == m.completed + m.cancelled + m.pending
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+
+    def task() -> str:
+        submitted.wait(10)
+        pid = _fork()
+        if pid == 0:
+            threading.Thread(target=check_in_child).start()
+            return "child"
+        holder["pid"] = pid
+        return "parent"
+
+    holder["f"] = ex.submit("k", task)
+    submitted.set()
+    assert holder["f"].result(10) == "parent"
+    assert _reap(holder["pid"], 30) == 0
+    gate.set()
+    assert other.result(10) == "blocker"
+
+
+@pytest.mark.timeout(30)
+def test_pool_with_zero_idle_timeout_accepts_jobs(impl: Any) -> None:
+    """idle_timeout=0: a worker started for a job used to retire before the job
+    was queued, forever (the pure pool livelocked, starting thousands of threads)."""
+    pool = impl.TaskPool(idle_timeout=0, max_workers=2)
+    pool.start()
+    ran: list[int] = []
+    for i in range(20):
+        pool.submit(i % 3, lambda ctx, i=i: ran.append(i))
+    assert wait_until(lambda: len(ran) == 20)
+    assert pool.stop(timeout=10)
+    assert pool.metrics().workers == 0

@@ -814,7 +814,9 @@ _EXIT_CHILD = textwrap.dedent(
 
     dropped = TaskPool(max_workers=1)  # dropped without stop(): its job must end too
     dropped.start()
-    dropped.submit("d", waits_for_cancel)
+    dropped_started = threading.Event()
+    dropped.submit("d", lambda ctx: (dropped_started.set(), waits_for_cancel(ctx)))
+    assert dropped_started.wait(10)  # else exit may cancel it before it starts
     del dropped
 
     def report():
