@@ -1333,7 +1333,11 @@ cpdef object _set_state_if_pending(object fut, object state):
     single dict operation is.
     """
     if KE_FREE_THREADED:
-        return <object>PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state", state)
+        current = <object>PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state", state)
+        if current != _PENDING:
+            return current
+        # PENDING assigned explicitly (Future.__init__): swapped under the seal.
+        return _future._set_state_if_pending_by_dict(fut, state)
     current = fut._state
     if current is not _PENDING:
         return current

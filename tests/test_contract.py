@@ -683,13 +683,16 @@ def test_wait_key_after_shutdown_from_a_task_is_not_fooled(h: Any) -> None:
     """Shut down, then wait_key from a task with the only worker busy running
     it: "b" stays queued, so wait_key must time out (it returned True)."""
     ex = h.executor(1)
+    queued = threading.Event()
 
     def task() -> tuple[bool, int]:
+        queued.wait(10)
         ex.shutdown(wait=False)
         return ex.wait_key("b", timeout=0.3), ex.pending("b")
 
     f = ex.submit("a", task)
     ex.submit("b", time.sleep, 0.01)
+    queued.set()
     assert f.result(10) == (False, 1)
 
 
