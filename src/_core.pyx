@@ -876,8 +876,9 @@ cdef class Scheduler:
                     status = self._run(<object>ks.key, &t)
                     _acquire(self.mu)
                     continue
-                if dead is not NULL or held is not NULL:
-                    # Release the previous dead key first, outside the mutex.
+                if dead is not NULL:
+                    # Release the previous dead key first, outside the mutex
+                    # (and the finished task's future with it: one unlock).
                     self._release_unlocked(dead, held)
                     dead = NULL
                     held = NULL
