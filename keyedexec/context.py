@@ -123,7 +123,11 @@ def _check_seconds(name: str, x: object) -> float:
     """Validate a number of seconds / a monotonic time; return it as float."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be an int or float, not {type(x).__name__}")
-    f = float(x)
+    try:
+        f = float(x)
+    except OverflowError:
+        # An int beyond any float: as far as waits go, infinity (no limit).
+        f = math.inf if x > 0 else -math.inf
     if math.isnan(f):
         raise ValueError(f"{name} must not be NaN")
     return f
@@ -545,7 +549,8 @@ class Context:
     def with_timeout(self, seconds: float) -> tuple[Context, Callable[[], None]]:
         """Like :meth:`with_deadline` with ``deadline = time.monotonic() + seconds``.
 
-        ``seconds <= 0`` gives an already-expired context; ``inf`` gives none.
+        ``seconds <= 0`` gives an already-expired context; ``inf`` (or an int too
+        large for a float) gives none.
         """
         return self._derive(time.monotonic() + _check_seconds("seconds", seconds))
 
@@ -607,7 +612,8 @@ class Context:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled (True) or ``timeout`` seconds pass (False).
 
-        ``timeout=None`` waits forever. Wakes when the deadline passes.
+        ``timeout=None`` (or ``inf``, or an int too large for a float) waits
+        forever. Wakes when the deadline passes.
         """
         t: float | None = None
         if timeout is not None:

@@ -959,3 +959,17 @@ def test_a_cancel_from_a_callback_marks_at_once_and_runs_callbacks_after_it() ->
     a.add_done_callback(lambda _: log.append("a2"))
     cancel_a()
     assert log == [("b cancelled", True, True), "a2", "b"]
+
+
+@pytest.mark.timeout(10)
+def test_huge_timeouts_and_deadlines_mean_none() -> None:
+    # As the executor's timeouts: too big for a float is no limit, not OverflowError.
+    parent, cancel = background().with_cancel()
+    for ctx, _ in (parent.with_timeout(10**400), parent.with_deadline(10**400)):
+        assert ctx.deadline is None
+        assert not ctx.cancelled
+    expired = parent.with_timeout(-(10**400))[0]
+    assert isinstance(expired.err(), DeadlineExceeded)
+    assert isinstance(parent.with_deadline(-(10**400))[0].err(), DeadlineExceeded)
+    threading.Timer(0.05, cancel).start()
+    assert parent.wait(10**400) is True  # waits without limit, until cancelled
