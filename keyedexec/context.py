@@ -39,14 +39,17 @@ Design notes (why it looks the way it does):
   observation that a deadline passed cancels, with :class:`DeadlineExceeded`,
   the context that owns that deadline, and hence its whole subtree. Done
   callbacks of a context that expires therefore run when someone next looks at
-  it or at a context sharing its deadline, not at the exact instant.
+  it or at a context sharing its deadline (or when a callback is added in its
+  tree, see ``_anchored`` below), not at the exact instant.
 * A parent holds its cancellable children through weak references, removed when
   a child is garbage-collected or cancelled, so a long-lived parent never
   accumulates dead children. A state with done callbacks still to run must
   outlive its last outside reference, though: an ancestor's cancel has to reach
   it. While it has some, the root of its tree (the topmost state) holds it
   strongly, in ``_anchored``; that keeps its ancestors alive too (children
-  hold their parents strongly). Cancelling it releases it.
+  hold their parents strongly). Cancelling it releases it. Each anchoring
+  also looks at two anchored states and expires those past their deadline,
+  so dropped contexts with deadlines cannot pile up under a long-lived root.
 * A cancel is a loop, never a recursion: it marks the subtree (each step can
   be repeated, so an exception that a signal handler raises into it, Ctrl-C,
   is held until the loop has finished, then raised), then runs the callbacks
@@ -369,6 +372,7 @@ class _CancelState:
             # Cancelled meanwhile: its callbacks are taken, and the canceller
             # may have looked for us before we were added.
             anchored.discard(self)
+        _sweep(anchored)
 
     def _unanchor(self) -> None:
         root = self._root
@@ -479,6 +483,29 @@ def _mark(
         marks.extend([(a, err) for a in anchored.copy()])
     if st._callbacks is not None:
         runq.append(st)  # taken when run: a state queued twice runs them once
+
+
+def _sweep(anchored: set[_CancelState]) -> None:
+    """Look at two more of a root's anchored states: expire one past its
+    deadline, drop one whose callbacks were taken.
+
+    Deadlines are checked lazily, so a context dropped with a callback and a
+    deadline would otherwise stay anchored until its root is cancelled, for
+    ever under a long-lived root. Anchoring calls this, so the set is swept
+    at least as fast as it grows. ``pop()`` cycles through a set's table.
+    """
+    for _ in range(2):
+        try:
+            st = anchored.pop()
+        except KeyError:
+            return
+        if st._callbacks is None:
+            continue  # fired (its unanchor may have raced with this pop)
+        anchored.add(st)
+        if st._callbacks is None:  # fired meanwhile
+            anchored.discard(st)
+        elif st._deadline is not None:
+            st._get_err()  # cancels it if the deadline passed
 
 
 def _newest_first(chain: _Chain) -> list[tuple[DoneCallback, Context]]:

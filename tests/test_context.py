@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import linecache
 import logging
 import math
 import os
@@ -854,7 +855,12 @@ def _raise_at_line(k: int, armed: Any, op: Any, times: int = 1) -> bool:
     count = [0]
 
     def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and armed():
+        # Not at a ``with`` line: the tracer reports the exit of a with block
+        # there too, before __exit__ runs, where a signal cannot strike (the
+        # interpreter checks for one only after that call) but a trace
+        # function's exception would leave the lock held.
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and armed() and not line.lstrip().startswith("with "):
             count[0] += 1
             if k <= count[0] < k + times:
                 raise KeyboardInterrupt
@@ -873,6 +879,7 @@ def _raise_at_line(k: int, armed: Any, op: Any, times: int = 1) -> bool:
         assert count[0] < k
     finally:
         sys.settrace(old)
+    assert not any(lock._is_owned() for lock in context_module._LOCKS)
     return count[0] >= k
 
 
@@ -973,3 +980,24 @@ def test_huge_timeouts_and_deadlines_mean_none() -> None:
     assert isinstance(parent.with_deadline(-(10**400))[0].err(), DeadlineExceeded)
     threading.Timer(0.05, cancel).start()
     assert parent.wait(10**400) is True  # waits without limit, until cancelled
+
+
+@pytest.mark.timeout(10)
+def test_dropped_expired_contexts_with_callbacks_do_not_pile_up_under_a_root() -> None:
+    # A long-lived root (as TaskPool's): contexts with a timeout and a callback,
+    # dropped unobserved, fire as other contexts anchor callbacks, not never.
+    root, _ = background().with_cancel()
+    assert root._state is not None
+    fired: list[Context] = []
+    for _ in range(100):
+        root.with_timeout(0.05)[0].add_done_callback(fired.append)
+    time.sleep(0.1)
+    for _ in range(2000):
+        if len(fired) == 100:
+            break
+        ctx, cancel = root.with_cancel()
+        ctx.add_done_callback(lambda _: None)
+        cancel()
+    assert len(fired) == 100
+    assert all(isinstance(ctx.err(), DeadlineExceeded) for ctx in fired)
+    assert not root._state._anchored
