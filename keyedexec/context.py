@@ -39,14 +39,23 @@ Design notes (why it looks the way it does):
   observation that a deadline passed cancels, with :class:`DeadlineExceeded`,
   the context that owns that deadline, and hence its whole subtree. Done
   callbacks of a context that expires therefore run when someone next looks at
-  it or at a context sharing its deadline, not at the exact instant.
+  it or at a context sharing its deadline (or when a callback is added in its
+  tree, see ``_anchored`` below), not at the exact instant.
 * A parent holds its cancellable children through weak references, removed when
   a child is garbage-collected or cancelled, so a long-lived parent never
   accumulates dead children. A state with done callbacks still to run must
   outlive its last outside reference, though: an ancestor's cancel has to reach
   it. While it has some, the root of its tree (the topmost state) holds it
   strongly, in ``_anchored``; that keeps its ancestors alive too (children
-  hold their parents strongly). Cancelling it releases it.
+  hold their parents strongly). Cancelling it releases it. Each anchoring
+  also looks at two anchored states and expires those past their deadline,
+  so dropped contexts with deadlines cannot pile up under a long-lived root.
+* A cancel is a loop, never a recursion: it marks the subtree (each step can
+  be repeated, so an exception that a signal handler raises into it, Ctrl-C,
+  is held until the loop has finished, then raised), then runs the callbacks
+  from a per-thread queue. A cancel made while another runs on the same thread
+  (by a done callback, a handler, a finalizer) marks at once and queues its
+  callbacks there, so callbacks that cancel other contexts cannot recurse.
 * ``err()`` returns a new exception each call: raising an exception appends the
   raiser's frames to its ``__traceback__``, so one shared instance, raised by
   every skipped task's future, would keep all those frames alive.
@@ -55,10 +64,13 @@ Design notes (why it looks the way it does):
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections import deque
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
 from ._report import logger
 from .errors import Cancelled, DeadlineExceeded
@@ -83,13 +95,42 @@ _NO_KEY: Any = object()
 DoneCallback = Callable[["Context"], object]
 # Done callbacks, newest first: ((fn, ctx), older) ... None.
 _Chain = Optional[tuple[tuple[DoneCallback, "Context"], "_Chain"]]
+# A cancel's callback queue: a state whose callbacks are still to be taken, its
+# chain once taken, then the chain as a list being run (see _CancelState._cancel).
+_Pending = Union["_CancelState", _Chain, list[tuple[DoneCallback, "Context"]]]
+
+# Exceptions a cancel absorbs (and raises the first of at the end) before it
+# gives up on a step that keeps failing.
+_MAX_STRIKES = 100
+
+
+class _Cascade(threading.local):
+    """The outermost cancel running on this thread and its callback queue.
+
+    Nested cancels (from its callbacks, signal handlers, finalizers) queue
+    their callbacks here instead of running them, so they cannot recurse.
+    A queue left by a cancel that an exception ended is run by the next.
+    """
+
+    def __init__(self) -> None:
+        # The frame of the outermost running _cancel; stale after an escaped
+        # exception, which _on_stack detects.
+        self.runner: FrameType | None = None
+        self.runq: deque[_Pending] = deque()
+
+
+_cascade = _Cascade()
 
 
 def _check_seconds(name: str, x: object) -> float:
     """Validate a number of seconds / a monotonic time; return it as float."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be an int or float, not {type(x).__name__}")
-    f = float(x)
+    try:
+        f = float(x)
+    except OverflowError:
+        # An int beyond any float: as far as waits go, infinity (no limit).
+        f = math.inf if x > 0 else -math.inf
     if math.isnan(f):
         raise ValueError(f"{name} must not be NaN")
     return f
@@ -193,7 +234,14 @@ class _CancelState:
 
     def cancel(self) -> None:
         """The cancel function handed out by ``with_cancel`` and friends."""
-        if self._err is None:
+        if (
+            self._err is None
+            # Left over by a cancel that an exception interrupted: resume it.
+            or self._children
+            or self._callbacks is not None
+            or self._waiters
+            or self._anchored
+        ):
             self._cancel(Cancelled, remove=True)
 
     def _check_deadline(self) -> type[Cancelled] | None:
@@ -216,74 +264,70 @@ class _CancelState:
         return self._check_deadline()
 
     def _cancel(self, cause: type[Cancelled], remove: bool) -> None:
-        """Cancel this state and its subtree; first cause wins.
+        """Cancel this state and its subtree, then run their done callbacks; first cause wins.
 
         Marks the whole subtree first and runs callbacks afterwards, so a
-        callback cannot leave part of the tree uncancelled. Iterative, so deep
-        chains cannot hit the recursion limit.
+        callback sees the tree cancelled. Iterative, so deep chains cannot hit
+        the recursion limit.
+
+        Survives an exception raised into it by a signal handler (Ctrl-C) or a
+        finalizer: each step can be repeated, so the walk retries the step it
+        was in, finishes, and only then raises the first such exception. Work
+        it leaves anyway (a second interrupt) stays on the states, where a
+        second ``cancel()`` resumes it.
+
+        A cancel made on this thread while another is running here (from a
+        done callback, a signal handler or a finalizer) marks its subtree at
+        once but leaves the callbacks to that outer cancel: they run after the
+        callback in progress returns, so chains of callbacks that cancel
+        contexts do not recurse.
         """
-        todo: list[tuple[_CancelState, type[Cancelled]]] = [(self, cause)]
-        callbacks: list[tuple[DoneCallback, Context]] = []
-        # A cancelled root's _anchored set, kept until the walk below has
-        # reached the descendants that only it keeps alive.
-        anchored_kept: set[_CancelState] | None = None
-        changed_self = False
-        while todo:
-            st, cls = todo.pop()
-            if st._err is not None:
-                continue
-            if (
-                cls is Cancelled
-                and st._deadline is not None
-                and time.monotonic() >= st._deadline
-            ):
-                # The deadline passed before anyone cancelled: in Go the timer
-                # would have fired already, so report DeadlineExceeded.
-                cls = DeadlineExceeded
-            with st._lock:
-                if st._err is not None:
-                    continue
-                st._err = cls
-                children = st._children
-                st._children = None
-                waiters = st._waiters
-                st._waiters = None
-                chain = st._callbacks
-                st._callbacks = None
-                anchored = st._anchored
-                st._anchored = None
-            if st is self:
-                changed_self = True
-            if anchored is not None:
-                anchored_kept = anchored
-            if waiters:
-                for lock in waiters.copy():  # a waiter that timed out removes itself
-                    lock.release()
-            if chain is not None:
-                mine: list[tuple[DoneCallback, Context]] = []
-                while chain is not None:
-                    mine.append(chain[0])
-                    chain = chain[1]
-                callbacks.extend(reversed(mine))  # in registration order
-                st._unanchor()
-            if children:
-                snap = children.copy()
-                # Breaks the set <-> weakref-callback cycle so it is freed now.
-                children.clear()
-                for ref in snap:
-                    child = ref()
-                    if child is not None:
-                        todo.append((child, cls))
-        del anchored_kept
-        if remove and changed_self:
-            parent = self._parent
-            if parent is not None:
-                siblings = parent._children
-                if siblings is not None:
-                    # A fresh ref compares equal to the registered one.
-                    siblings.discard(weakref.ref(self))
-        for fn, ctx in callbacks:
-            _run_callback(fn, ctx)
+        cas = _cascade
+        runner = cas.runner
+        outermost = runner is None or not _on_stack(runner)
+        if outermost:
+            cas.runner = sys._getframe()
+        runq = cas.runq
+        marks = [(self, cause)]  # to mark, in order; _mark appends children
+        i = 0
+        first: BaseException | None = None
+        strikes = 0
+        while True:
+            try:
+                while i < len(marks):
+                    st, cls = marks[i]
+                    _mark(st, cls, marks, runq)
+                    i += 1
+                if remove:
+                    parent = self._parent
+                    siblings = None if parent is None else parent._children
+                    if siblings is not None:
+                        # A fresh ref compares equal to the registered one.
+                        siblings.discard(weakref.ref(self))
+                while outermost and runq:
+                    head = runq[0]
+                    if isinstance(head, _CancelState):
+                        head._unanchor()  # runq holds it now
+                        with head._lock:  # taken in one line: exactly once
+                            runq[0], head._callbacks = head._callbacks, None
+                    elif isinstance(head, tuple):
+                        runq[0] = _newest_first(head)
+                    elif head:
+                        # One line: an interrupt runs it or leaves it queued.
+                        _run_callback(*head.pop())
+                    else:
+                        runq.popleft()  # done, or callbacks someone else took
+                if outermost:
+                    cas.runner = None
+                break
+            except BaseException as exc:
+                if first is None:
+                    first = exc
+                strikes += 1
+                if strikes > _MAX_STRIKES:  # a persistent failure, not an interrupt
+                    raise
+        if first is not None:
+            raise first
 
     def _add_callback(self, fn: DoneCallback, ctx: Context) -> bool:
         """Register ``fn``; return False if already cancelled (caller runs it)."""
@@ -328,6 +372,7 @@ class _CancelState:
             # Cancelled meanwhile: its callbacks are taken, and the canceller
             # may have looked for us before we were added.
             anchored.discard(self)
+        _sweep(anchored)
 
     def _unanchor(self) -> None:
         root = self._root
@@ -392,6 +437,96 @@ def _run_callback(fn: DoneCallback, ctx: Context) -> None:
         )
 
 
+def _mark(
+    st: _CancelState,
+    cause: type[Cancelled],
+    marks: list[tuple[_CancelState, type[Cancelled]]],
+    runq: deque[_Pending],
+) -> None:
+    """One step of a cancel: mark ``st`` and pass on what it holds.
+
+    Idempotent, so an interrupted step can be repeated: each piece of work
+    leaves the state only after it has been handed on (repeats are harmless:
+    a second release or mark does nothing, and callbacks are taken once).
+    """
+    resumed = st._err is not None
+    if not resumed:
+        if cause is Cancelled and st._deadline is not None and time.monotonic() >= st._deadline:
+            # The deadline passed before anyone cancelled: in Go the timer
+            # would have fired already, so report DeadlineExceeded.
+            cause = DeadlineExceeded
+        with st._lock:
+            if st._err is None:
+                st._err = cause
+    # Whoever marked it, its subtree gets the cause that won.
+    err = st._err
+    assert err is not None
+    waiters = st._waiters
+    if waiters:
+        for lock in waiters.copy():  # a waiter that timed out removes itself
+            try:
+                lock.release()
+            except RuntimeError:  # released by an earlier, interrupted pass
+                pass
+        st._waiters = None
+    children = st._children
+    if children:
+        marks.extend([(child, err) for ref in children.copy() if (child := ref()) is not None])
+        st._children = None
+        # Breaks the set <-> weakref-callback cycle so it is freed now.
+        children.clear()
+    anchored = st._anchored
+    if anchored and resumed:
+        # A root: all it anchors are descendants, with callbacks. Reaching them
+        # directly is how a cancel resumed after an escaped interrupt finds
+        # those that the lost part of the walk would have reached.
+        marks.extend([(a, err) for a in anchored.copy()])
+    if st._callbacks is not None:
+        runq.append(st)  # taken when run: a state queued twice runs them once
+
+
+def _sweep(anchored: set[_CancelState]) -> None:
+    """Look at two more of a root's anchored states: expire one past its
+    deadline, drop one whose callbacks were taken.
+
+    Deadlines are checked lazily, so a context dropped with a callback and a
+    deadline would otherwise stay anchored until its root is cancelled, for
+    ever under a long-lived root. Anchoring calls this, so the set is swept
+    at least as fast as it grows. ``pop()`` cycles through a set's table.
+    """
+    for _ in range(2):
+        try:
+            st = anchored.pop()
+        except KeyError:
+            return
+        if st._callbacks is None:
+            continue  # fired (its unanchor may have raced with this pop)
+        anchored.add(st)
+        if st._callbacks is None:  # fired meanwhile
+            anchored.discard(st)
+        elif st._deadline is not None:
+            st._get_err()  # cancels it if the deadline passed
+
+
+def _newest_first(chain: _Chain) -> list[tuple[DoneCallback, Context]]:
+    """The callbacks of a chain as a list whose ``pop()`` gives the oldest."""
+    items = []
+    while chain is not None:
+        items.append(chain[0])
+        chain = chain[1]
+    return items
+
+
+def _on_stack(frame: FrameType) -> bool:
+    """Whether ``frame`` is running on this thread (not left behind by an exception)."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
 class Context:
     """An immutable context carrying cancellation, a deadline and values.
 
@@ -441,7 +576,8 @@ class Context:
     def with_timeout(self, seconds: float) -> tuple[Context, Callable[[], None]]:
         """Like :meth:`with_deadline` with ``deadline = time.monotonic() + seconds``.
 
-        ``seconds <= 0`` gives an already-expired context; ``inf`` gives none.
+        ``seconds <= 0`` gives an already-expired context; ``inf`` (or an int too
+        large for a float) gives none.
         """
         return self._derive(time.monotonic() + _check_seconds("seconds", seconds))
 
@@ -503,7 +639,8 @@ class Context:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled (True) or ``timeout`` seconds pass (False).
 
-        ``timeout=None`` waits forever. Wakes when the deadline passes.
+        ``timeout=None`` (or ``inf``, or an int too large for a float) waits
+        forever. Wakes when the deadline passes.
         """
         t: float | None = None
         if timeout is not None:
@@ -529,7 +666,9 @@ class Context:
         """Call ``fn(self)`` once when this context is cancelled.
 
         Runs at once, in this thread, if already cancelled; otherwise in the
-        thread that cancels (or first observes the deadline). ``fn`` runs even if
+        thread that cancels (or first observes the deadline). A cancel made
+        inside another done callback cancels at once but runs its callbacks
+        after that callback returns (with those already queued). ``fn`` runs even if
         nothing else references this context any more: until then the context is
         kept alive (by the topmost cancellable ancestor, as Go's ``AfterFunc``).
         Whatever ``fn`` raises, KeyboardInterrupt and SystemExit included, is

@@ -50,6 +50,12 @@ class Job(Protocol):
 _exit_root, _cancel_at_exit = background().with_cancel()
 threading._register_atexit(_cancel_at_exit)  # type: ignore[attr-defined]
 
+def _check_job(job: object) -> None:
+    # The scheduler's own check would call it ``fn``: name the parameter the caller passed.
+    if not callable(job):
+        raise TypeError(f"job must be callable, got {type(job).__name__}")
+
+
 #: Seconds a pool thread waits for work before it exits.
 DEFAULT_IDLE_TIMEOUT = 10.0
 
@@ -136,6 +142,7 @@ class TaskPool(Generic[K]):
         releases the GIL and Ctrl-C interrupts it. Raises RuntimeError before
         ``start()`` and after ``stop()``.
         """
+        _check_job(job)
         timeout = _check_timeout("timeout", timeout)
         sched = self._scheduler()
         if not sched.put(key, job, self._ctx, True, timeout):
@@ -143,6 +150,7 @@ class TaskPool(Generic[K]):
 
     def try_submit(self, key: K, job: Job) -> bool:
         """Queue ``job(ctx)`` if ``key`` has room; never waits. False if full."""
+        _check_job(job)
         accepted: bool = self._scheduler().put(key, job, self._ctx, False)
         return accepted
 

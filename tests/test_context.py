@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import linecache
 import logging
 import math
 import os
@@ -809,3 +810,194 @@ def test_base_exception_in_callback_is_logged_and_the_rest_run(
     records = [r for r in caplog.records if r.name == "keyedexec"]
     kinds = sorted(r.exc_info[0].__name__ for r in records if r.exc_info and r.exc_info[0])
     assert kinds == ["KeyboardInterrupt", "KeyboardInterrupt", "SystemExit", "SystemExit"]
+
+
+# -- cancels interrupted by an exception, cancels from callbacks ---------------
+
+
+def _tree_with_callbacks() -> tuple[Context, Any, list[Context], list[Context], list[Context]]:
+    """A root with kids and grandkids, some only kept alive by their callbacks.
+
+    Returns (root, cancel, every context, the contexts with a callback, the list
+    the callbacks append their context to).
+    """
+    root, cancel = background().with_cancel()
+    ran: list[Context] = []
+    every = [root]
+    with_callbacks = []
+    for i in range(3):
+        kid = root.with_value("i", i).with_cancel()[0]
+        every.append(kid)
+        for j in range(3):
+            grandkid = kid.with_timeout(60)[0]
+            grandkid.add_done_callback(ran.append)
+            with_callbacks.append(grandkid)
+            if j:  # a second callback on the same context
+                grandkid.add_done_callback(ran.append)
+                with_callbacks.append(grandkid)
+            every.append(grandkid)
+    root.add_done_callback(ran.append)
+    with_callbacks.append(root)
+    return root, cancel, every, with_callbacks, ran
+
+
+def _raise_at_line(k: int, armed: Any, op: Any, times: int = 1) -> bool:
+    """Run ``op`` raising KeyboardInterrupt at the k-th (and next ``times - 1``)
+    line the cancel machinery runs once ``armed()``, as Ctrl-C would; whether it
+    raised. Deterministic stand-in for a signal handler that raises."""
+    from keyedexec import context as context_module
+
+    codes = {
+        f.__code__
+        for f in (context_module._CancelState._cancel, getattr(context_module, "_mark", None))
+        if f is not None
+    }
+    count = [0]
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        # Not at a ``with`` line: the tracer reports the exit of a with block
+        # there too, before __exit__ runs, where a signal cannot strike (the
+        # interpreter checks for one only after that call) but a trace
+        # function's exception would leave the lock held.
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and armed() and not line.lstrip().startswith("with "):
+            count[0] += 1
+            if k <= count[0] < k + times:
+                raise KeyboardInterrupt
+        return local
+
+    def global_trace(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code in codes else None
+
+    old = sys.gettrace()
+    sys.settrace(global_trace)
+    try:
+        op()
+    except KeyboardInterrupt:
+        assert count[0] >= k
+    else:
+        assert count[0] < k
+    finally:
+        sys.settrace(old)
+    assert not any(lock._is_owned() for lock in context_module._LOCKS)
+    return count[0] >= k
+
+
+def test_an_interrupt_at_any_line_of_a_cancel_does_not_stop_the_cascade() -> None:
+    k = 1
+    while True:
+        root, cancel, every, with_callbacks, ran = _tree_with_callbacks()
+        assert root._state is not None
+        state = root._state
+        fired = _raise_at_line(k, lambda: state._err is not None, cancel)
+        assert all(c.cancelled for c in every), k
+        # Every callback exactly once, in one cancel() call.
+        assert sorted(map(id, ran)) == sorted(map(id, with_callbacks)), k
+        if not fired:
+            break
+        k += 1
+    assert k > 30
+
+
+def test_a_second_cancel_resumes_one_that_an_escaped_interrupt_left() -> None:
+    # Two interrupts in a row: the second lands in the handler of the first
+    # and escapes. Whatever the first cancel() left, the second finishes.
+    k = 1
+    while True:
+        root, cancel, every, with_callbacks, ran = _tree_with_callbacks()
+        assert root._state is not None
+        state = root._state
+        fired = _raise_at_line(k, lambda: state._err is not None, cancel, times=2)
+        cancel()
+        assert sorted(map(id, ran)) == sorted(map(id, with_callbacks)), k
+        if not fired:
+            break
+        k += 1
+    assert k > 30
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_ctrl_c_during_a_large_cancel_still_cancels_the_subtree() -> None:
+    code = """
+import signal
+from keyedexec.context import background
+root, cancel = background().with_cancel()
+kids = [root.with_cancel()[0] for _ in range(100000)]
+ran = []
+for k in kids:
+    k.with_cancel()[0].add_done_callback(ran.append)
+def on_alarm(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.01)
+try:
+    cancel()
+    raised = False
+except KeyboardInterrupt:
+    raised = True
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(raised, sum(not k.cancelled for k in kids), len(ran))
+"""
+    out = _run_child(code).split()
+    # Whether the alarm came in time is the machine's business; the outcome is not.
+    assert out[1:] == ["0", "100000"], out
+
+
+def test_callbacks_that_cancel_other_contexts_do_not_recurse() -> None:
+    links = [background().with_cancel() for _ in range(10_000)]
+    for (ctx, _), (_, cancel_next) in zip(links, links[1:]):
+        ctx.add_done_callback(lambda _, cancel_next=cancel_next: cancel_next())
+    links[0][1]()
+    assert all(ctx.cancelled for ctx, _ in links)
+
+
+def test_a_cancel_from_a_callback_marks_at_once_and_runs_callbacks_after_it() -> None:
+    a, cancel_a = background().with_cancel()
+    b, cancel_b = background().with_cancel()
+    log: list[object] = []
+    b.add_done_callback(lambda _: log.append("b"))
+
+    def on_a(_: Context) -> None:
+        cancel_b()
+        log.append(("b cancelled", b.cancelled, b.wait(0)))
+
+    a.add_done_callback(on_a)
+    a.add_done_callback(lambda _: log.append("a2"))
+    cancel_a()
+    assert log == [("b cancelled", True, True), "a2", "b"]
+
+
+@pytest.mark.timeout(10)
+def test_huge_timeouts_and_deadlines_mean_none() -> None:
+    # As the executor's timeouts: too big for a float is no limit, not OverflowError.
+    parent, cancel = background().with_cancel()
+    for ctx, _ in (parent.with_timeout(10**400), parent.with_deadline(10**400)):
+        assert ctx.deadline is None
+        assert not ctx.cancelled
+    expired = parent.with_timeout(-(10**400))[0]
+    assert isinstance(expired.err(), DeadlineExceeded)
+    assert isinstance(parent.with_deadline(-(10**400))[0].err(), DeadlineExceeded)
+    threading.Timer(0.05, cancel).start()
+    assert parent.wait(10**400) is True  # waits without limit, until cancelled
+
+
+@pytest.mark.timeout(10)
+def test_dropped_expired_contexts_with_callbacks_do_not_pile_up_under_a_root() -> None:
+    # A long-lived root (as TaskPool's): contexts with a timeout and a callback,
+    # dropped unobserved, fire as other contexts anchor callbacks, not never.
+    root, _ = background().with_cancel()
+    assert root._state is not None
+    fired: list[Context] = []
+    for _ in range(100):
+        root.with_timeout(0.05)[0].add_done_callback(fired.append)
+    time.sleep(0.1)
+    for _ in range(2000):
+        if len(fired) == 100:
+            break
+        ctx, cancel = root.with_cancel()
+        ctx.add_done_callback(lambda _: None)
+        cancel()
+    assert len(fired) == 100
+    assert all(isinstance(ctx.err(), DeadlineExceeded) for ctx in fired)
+    assert not root._state._anchored

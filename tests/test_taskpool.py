@@ -604,6 +604,23 @@ def test_job_exception_is_logged_and_key_continues(
 
 
 @pytest.mark.timeout(20)
+def test_a_job_that_is_not_callable_is_refused_by_its_name(impl: Any) -> None:
+    """The refusal names the parameter (``job``), before the pool is even started."""
+    pool = impl.TaskPool()
+    for submit in (pool.submit, pool.try_submit):
+        with pytest.raises(TypeError, match=r"^job must be callable, got NoneType$"):
+            submit("k", None)
+    pool.start()
+    try:
+        for submit in (pool.submit, pool.try_submit):
+            with pytest.raises(TypeError, match=r"^job must be callable, got str$"):
+                submit("k", "not callable")
+        assert pool.metrics().submitted == 0
+    finally:
+        pool.stop(timeout=10)
+
+
+@pytest.mark.timeout(20)
 def test_bad_input(impl: Any) -> None:
     """Bad arguments raise and queue nothing; start() is idempotent; lifecycle errors."""
     with pytest.raises(ValueError):
