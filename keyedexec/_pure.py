@@ -6,14 +6,17 @@ docstring for the design); used where the extension is unavailable, under
 benchmark baseline. A dict maps each key with work to its deque of tasks; a
 deque of ready keys feeds the workers. One lock guards both.
 
-Finalizers: a ``__del__`` or weakref callback may run on a thread that is inside
-the scheduler's critical section (the GC runs at an allocation; without the GIL
-at almost any bytecode). If it submits, it cannot take the lock, and must not
-change the state half-way through another operation: its task is deferred
-(``_deferred``) and queued by the same thread as soon as it releases the lock;
-so is a close. Reads work; cancelling or waiting for the workers from there
-raises RuntimeError. The native core does the same where it runs Python code
-under its lock: a key's ``__eq__``.
+Where the native core never runs Python code under its lock, this one cannot
+help it: a key's ``__eq__`` runs there, and a ``__del__`` or weakref callback may
+run on a thread that is inside the critical section (the GC runs at an
+allocation; without the GIL at almost any bytecode). If such code submits, it
+cannot take the lock, and must not change the state half-way through another
+operation: its task is deferred (``_deferred``, one queue per thread) and
+queued, in call order, by that thread's one drain loop as soon as it releases
+the lock; so is a close. Reads work; cancelling or waiting from there raises
+RuntimeError. A signal handler's exception can also arrive anywhere in a
+critical section: each submit's state change is undone if it did not complete
+(``_commit``, ``_withdraw``).
 """
 
 from __future__ import annotations
