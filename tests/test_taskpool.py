@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import STRESS, wait_until
+from test_process import _child_env
 
 from keyedexec import Cancelled, Context, QueueFull
 
@@ -513,12 +513,7 @@ _CTRL_C_CHILD = textwrap.dedent(
 @pytest.mark.timeout(60)
 def test_ctrl_c_interrupts_blocked_submit(impl: Any) -> None:
     """SIGINT reaches a main thread blocked in submit(): KeyboardInterrupt, pool still consistent."""
-    env = dict(os.environ)
-    env.pop("KEYEDEXEC_PURE_PYTHON", None)
-    if impl.name == "pure":
-        env["KEYEDEXEC_PURE_PYTHON"] = "1"
-    else:
-        env["KEYEDEXEC_REQUIRE_NATIVE"] = "1"
+    env = _child_env(impl)
     proc = subprocess.Popen(
         [sys.executable, "-c", _CTRL_C_CHILD],
         stdout=subprocess.PIPE,
@@ -851,12 +846,7 @@ _EXIT_CHILD = textwrap.dedent(
 def test_interpreter_exit_cancels_the_pool_context(impl: Any) -> None:
     """Exit without stop(): the pool's context is cancelled, so a job waiting on it ends and
     the jobs queued behind it are skipped; the process exits promptly."""
-    env = dict(os.environ)
-    env.pop("KEYEDEXEC_PURE_PYTHON", None)
-    if impl.name == "pure":
-        env["KEYEDEXEC_PURE_PYTHON"] = "1"
-    else:
-        env["KEYEDEXEC_REQUIRE_NATIVE"] = "1"
+    env = _child_env(impl)
     proc = subprocess.run(
         [sys.executable, "-c", _EXIT_CHILD],
         capture_output=True,
