@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import contextvars
 import gc
 import logging
+import sys
 import threading
 import weakref
 from typing import Any, Awaitable, Callable, Coroutine
@@ -826,6 +827,7 @@ def test_threads_blocked_on_threadsafe_futures_are_released_when_the_loop_ends(
         ex.submit_threadsafe("k", forever)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.Runner is new in 3.11")
 def test_threadsafe_submission_not_yet_on_the_loop_when_it_ends(
     new_loop: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
 ) -> None:
