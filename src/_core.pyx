@@ -28,9 +28,7 @@ if more remain (fairness). A key's state is freed as soon as it has no queued
 task and no running one.
 """
 
-from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
-from cpython.unicode cimport PyUnicode_CheckExact
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
