@@ -378,8 +378,7 @@ class KeyedExecutor(Generic[K]):
             for args in calls if buffersize is None else itertools.islice(calls, buffersize):
                 fs.append(submit(object() if key is None else key(*args), fn, *args))
         except BaseException:
-            for f in fs:
-                f.cancel()
+            _cancel_in_reverse(fs)
             raise
         if buffersize is None:
             return _results(fs, end, None)
@@ -516,8 +515,14 @@ def _results(
                 del ahead
             yield _result_or_cancel(fs.popleft(), None if end is None else end - time.monotonic())
     finally:
-        for f in fs:
-            f.cancel()
+        _cancel_in_reverse(fs)
+
+
+def _cancel_in_reverse(fs: deque[KeyedFuture[R]]) -> None:
+    # Last first, as the stdlib does: calls with one key start in input order, so a
+    # worker racing this loop can never start a call after an earlier one was cancelled.
+    for f in reversed(fs):
+        f.cancel()
 
 
 def _result_or_cancel(fut: KeyedFuture[R], timeout: float | None) -> R:
