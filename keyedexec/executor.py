@@ -20,7 +20,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
 
-from . import _impl
+from . import _impl, _loopbridge
 from ._future import KeyedFuture
 from ._report import log_task_error
 from ._typevars import K
@@ -279,10 +279,17 @@ class KeyedExecutor(Generic[K]):
         """Submit now (the order is the call order) and return an awaitable of the result.
 
         Must be called with an event loop running in this thread. Cancelling the
-        asyncio future cancels the task if it has not started.
+        asyncio future cancels the task if it has not started. Completions reach
+        the loop in batches: one wake-up of the loop for however many tasks
+        finished since the last one (see ``keyedexec._loopbridge``).
         """
         loop = asyncio.get_running_loop()
-        return asyncio.wrap_future(self.submit(key, fn, *args, **kwargs), loop=loop)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        fut = _loopbridge.AsyncResult(loop=loop)
+        call = _loopbridge.LoopCall(_loopbridge.inbox_for(loop), fut, fn, args, kwargs)
+        fut._task = call.task = self.submit(key, call)
+        return fut
 
     def for_key(self, key: K) -> KeyView[K]:
         """A ``concurrent.futures.Executor`` that runs everything on ``key``.
