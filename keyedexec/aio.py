@@ -11,10 +11,25 @@ tasks, created on demand. A runner takes the next ready key, runs at most
 the ready queue if more remain (fairness). A key is freed as soon as it has no
 job queued or running; a runner exits when no key is ready.
 
-Each job runs as its own ``asyncio.Task``, created when its turn comes, in a
-copy of the submitter's contextvars (as ``asyncio.create_task`` would) so that
-``asyncio.current_task()``, timeouts and cancellation inside a job concern that
-job alone.
+A job is not a task of its own: its runner drives the job's coroutine itself,
+each step in the job's own context (a copy of the submitter's, as
+``asyncio.create_task`` makes), so a job costs a tuple and a context, plus a
+future for ``submit``. A job that finishes without suspending never leaves the
+runner's loop; one that suspends is awaited through :class:`_Drive`, which
+forwards each step, ``ctx.run(coro.send, ...)``. What this means inside a job:
+
+* ``asyncio.current_task()`` is the runner serving the job (shared, one job at
+  a time). ``asyncio.timeout`` and ``asyncio.TaskGroup`` work as in any task:
+  they cancel the current task and take the cancellation back.
+* Cancelling the job's future cancels that job only: the job sees
+  CancelledError where it awaits (as when a task is cancelled), the runner
+  goes on with the next job.
+* Cancelling the runner itself (``asyncio.current_task().cancel()`` in a job,
+  or ``asyncio.run`` cancelling the tasks left at its end) cancels the job it
+  runs and then stops that runner; the keys it would have served wait for the
+  next submit or for ``shutdown``, which start runners again.
+* A runner yields to the loop after ``batch`` jobs in a row that did not
+  suspend, so that jobs which never await do not starve the loop.
 
 The end of the loop is seen through an async generator that the executor keeps
 suspended on it: ``loop.shutdown_asyncgens()``, which ``asyncio.run`` and
@@ -31,10 +46,22 @@ import contextvars
 import functools
 import inspect
 import threading
+import types
 import weakref
 from collections import deque
-from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, ParamSpec, TypeVar
+from typing import (
+    Any,
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Generic,
+    ParamSpec,
+    TypeVar,
+)
 
+from . import _impl
 from ._report import log_task_error, report_failure
 from ._typevars import K
 from .executor import ErrorHandler, Metrics, Stats, _check_count
@@ -54,45 +81,108 @@ _Job = tuple[
 ]
 
 # _KeyState.serving
-_QUEUED, _SERVED, _ORPHANED = 0, 1, 2
+_QUEUED, _SERVED = 0, 1
 
 _CLOSED = "cannot schedule new tasks after shutdown"
 _ENDED = "the event loop of this AsyncKeyedExecutor has ended"
 
+_CancelledError = asyncio.CancelledError
+_get_running_loop = asyncio.get_running_loop
+_copy_context = contextvars.copy_context
+_CoroutineType = types.CoroutineType
+
 
 class _KeyState:
-    __slots__ = ("key", "jobs", "serving")
+    __slots__ = ("jobs", "key", "serving")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.jobs: deque[_Job] = deque()
-        # _QUEUED: in the ready queue; _SERVED: held by a runner; _ORPHANED: its
-        # runner was cancelled while a job ran (the job's end releases the key).
+        # _QUEUED: in the ready queue; _SERVED: held by a runner.
         self.serving = _QUEUED
 
 
-class _Run:
-    """A started job: its task, its future, and the runner waiting for it."""
+class _Runner(asyncio.Task):  # type: ignore[type-arg]
+    """A runner task. It counts in ``state.stops`` the cancel requests made to
+    it and not taken back (``uncancel``, as ``asyncio.timeout`` does): after a
+    job, any left mean "stop" (``Task.cancelling()`` would do, but is new in
+    3.11)."""
 
-    __slots__ = ("ks", "fut", "task", "waiter", "runner")
+    def __init__(self, coro: Coroutine[Any, Any, None], *, loop: Any, name: str, state: Any
+                 ) -> None:
+        super().__init__(coro, loop=loop, name=name)
+        self.state = state
 
-    def __init__(
-        self,
-        ks: _KeyState,
-        fut: asyncio.Future[Any] | None,
-        waiter: asyncio.Future[None],
-        runner: asyncio.Task[Any],
-    ) -> None:
-        self.ks = ks
-        self.fut = fut
-        self.task: asyncio.Task[Any]
-        self.waiter = waiter
-        self.runner = runner
+    def cancel(self, msg: Any = None) -> bool:
+        if not self.done():
+            self.state.stops += 1
+        return super().cancel(msg)
+
+    def uncancel(self) -> int:
+        if self.state.stops:
+            self.state.stops -= 1
+        return super().uncancel()  # type: ignore[no-any-return, misc]
+
+
+class _Drive:
+    """Awaits a suspended job for its runner, stepping its coroutine in the
+    job's context; cancels the job alone (:meth:`cancel_job`), as
+    ``Task.cancel`` would cancel a task of its own."""
+
+    __slots__ = ("coro", "ctx", "done", "first", "must_cancel", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, first: Any) -> None:
+        self.coro = coro
+        self.ctx = ctx
+        self.first = first
+        self.waiting: Any = None  # what the job awaits now
+        self.must_cancel = False
+        self.done = False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro, ctx = self.coro, self.ctx
+        send, throw = coro.send, coro.throw
+        step = self.first
+        self.first = None
+        try:
+            while True:
+                self.waiting = step
+                thrown: BaseException | None = None
+                try:
+                    yield step
+                except GeneratorExit:
+                    ctx.run(coro.close)
+                    raise
+                except BaseException as exc:  # thrown into the runner: the job's now
+                    thrown = exc
+                self.waiting = None
+                if self.must_cancel:
+                    self.must_cancel = False
+                    if not isinstance(thrown, _CancelledError):
+                        thrown = _CancelledError()
+                try:
+                    step = ctx.run(send, None) if thrown is None else ctx.run(throw, thrown)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    thrown = None  # no cycle through the traceback
+        finally:
+            self.done = True
+
+    def cancel_job(self) -> None:
+        """Cancel the job: its awaited future, else CancelledError at its next step."""
+        if self.done:
+            return
+        waiting = self.waiting
+        cancel = getattr(waiting, "cancel", None)
+        if waiting is not None and cancel is not None and cancel():
+            return
+        self.must_cancel = True
 
     def future_done(self, fut: asyncio.Future[Any]) -> None:
         # The caller cancelled the job's future while the job runs: cancel the job.
         if fut.cancelled():
-            self.task.cancel()
+            self.cancel_job()
 
 
 def _not_callable(fn: object) -> str:
@@ -104,33 +194,194 @@ def _not_callable(fn: object) -> str:
 
 # The job a task belongs to, inherited by the tasks the job starts: shutdown()
 # awaited anywhere inside a job must not wait for that job.
-_current_job: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+_current_job: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
     "keyedexec_aio_job", default=None
 )
 
 
-def _start_job(
-    run: _Run,
-    loop: asyncio.AbstractEventLoop,
-    fn: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> asyncio.Task[Any]:
-    _current_job.set(run)  # in the job's own copy of the submitter's context
-    aw = fn(*args, **kwargs)
-    if not asyncio.iscoroutine(aw):
+def _start(
+    job: _Job, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Coroutine[Any, Any, Any], Any]:
+    """In the job's context: call ``coro_fn`` and take the coroutine's first
+    step. Returns (coroutine, what it awaits); StopIteration: done already."""
+    _current_job.set(job)
+    try:
+        aw = fn(*args, **kwargs)
+    except StopIteration as exc:  # not a coroutine's return: a failure of the call
+        raise RuntimeError(f"coro_fn raised {exc!r}") from None
+    if type(aw) is not _CoroutineType and not asyncio.iscoroutine(aw):
         if not inspect.isawaitable(aw):
             raise TypeError(f"coro_fn must return an awaitable, got {type(aw).__name__}")
-        aw = _await(aw)  # a task of its own, even when jobs return one shared future
-    return loop.create_task(aw)
+        aw = _await(aw)  # a coroutine of its own, even when jobs return one shared future
+    return aw, aw.send(None)
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
+class _State:
+    """A runner's place in the work: the key it serves and the job it runs."""
+
+    __slots__ = ("drive", "job", "ks", "served", "stops", "unyielded")
+
+    def __init__(self) -> None:
+        self.ks: _KeyState | None = None
+        self.served = 0  # jobs of ks run in this turn (batch)
+        self.unyielded = 0  # jobs run since the runner last let the loop run
+        self.job: _Job | None = None  # the job running now
+        self.drive: _Drive | None = None  # its driver, while it is suspended
+        self.stops = 0  # cancel requests to the runner not taken back (see _Runner)
+
+
+# What _PyCore.run returns besides a suspended job (or None: no key is ready).
+YIELD, STOP = "yield", "stop"
+
+
+class _PyCore:
+    """The scheduler's hot paths: queueing a job, and running the jobs that do
+    not suspend. The native core (``keyedexec._core.AsyncCore``) is its twin;
+    the facade keeps everything else (suspended jobs, cancellation, shutdown).
+    ``owner`` is a weak reference to the facade (no reference cycle)."""
+
+    def __init__(self, owner: weakref.ref[Any], concurrency: int, batch: int) -> None:
+        self.owner = owner
+        self.concurrency = concurrency
+        self.batch = batch
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self.keys: dict[Any, _KeyState] = {}
+        self.ready: deque[_KeyState] = deque()
+        self.runners: set[Any] = set()
+        self.running = self.pending = 0
+        self.submitted = self.completed = self.failed = self.cancelled = 0
+
+    @staticmethod
+    def new_state() -> _State:
+        return _State()
+
+    def submit(self, key: Any, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+               ) -> asyncio.Future[Any]:
+        try:
+            loop = _get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop is not self.loop:
+            loop = self.owner()._bind()
+        fut = loop.create_future()
+        self.push(key, fn, args, kwargs, fut, _copy_context())
+        return fut
+
+    def execute(self, key: Any, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+                ) -> None:
+        try:
+            loop = _get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop is not self.loop:
+            self.owner()._bind()
+        self.push(key, fn, args, kwargs, None, _copy_context())
+
+    def push(
+        self,
+        key: Any,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fut: asyncio.Future[Any] | None,
+        ctx: contextvars.Context,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(_not_callable(fn))
+        try:
+            ks = self.keys.get(key)
+        except TypeError as exc:
+            raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        if self.closed:
+            raise RuntimeError(_CLOSED)
+        if ks is None:
+            ks = _KeyState(key)
+            self.keys[key] = ks
+            self.ready.append(ks)
+            ks.jobs.append((fn, args, kwargs, fut, ctx))
+            self.pending += 1
+            self.submitted += 1
+            if len(self.runners) < self.concurrency:
+                self.owner()._spawn()
+            return
+        ks.jobs.append((fn, args, kwargs, fut, ctx))
+        self.pending += 1
+        self.submitted += 1
+
+    def release(self, ks: _KeyState) -> None:
+        """A runner lets go of a key: back in line if it has work, else freed."""
+        ks.serving = _QUEUED
+        if ks.jobs:
+            self.ready.append(ks)
+        elif self.keys.get(ks.key) is ks:
+            del self.keys[ks.key]
+
+    def run(self, st: _State) -> Any:
+        """Run ready jobs until one suspends: returns (coroutine, its context,
+        what it awaits, its future). Or YIELD (``batch`` jobs ran without the
+        loop running: the runner should let it run), STOP (the runner was
+        cancelled: its key is released), None (no key is ready)."""
+        ready = self.ready
+        batch = self.batch
+        while True:
+            ks = st.ks
+            if ks is None:
+                if not ready:
+                    return None
+                ks = st.ks = ready.popleft()
+                ks.serving = _SERVED
+                st.served = 0
+            jobs = ks.jobs
+            if st.stops or not jobs or st.served >= batch:
+                st.ks = None
+                self.release(ks)
+                if st.stops:
+                    return STOP
+                continue
+            if st.unyielded >= batch:
+                st.unyielded = 0
+                return YIELD
+            st.served += 1
+            job = jobs.popleft()
+            self.pending -= 1
+            fn, args, kwargs, fut, ctx = job
+            if fut is not None and fut.done():  # cancelled before its turn
+                self.cancelled += 1
+                continue
+            self.running += 1
+            st.job = job
+            try:
+                coro, step = ctx.run(_start, job, fn, args, kwargs)
+            except StopIteration as stop:  # done without suspending: the fast path
+                st.unyielded += 1
+                self.running -= 1
+                st.job = None
+                self.completed += 1
+                if fut is not None and not fut.done():
+                    fut.set_result(stop.value)
+                continue
+            except BaseException as exc:
+                st.unyielded += 1
+                self.running -= 1
+                st.job = None
+                self.owner()._failed_or_cancelled(ks.key, fut, exc)
+                del exc
+                continue
+            st.unyielded = 0
+            return coro, ctx, step, fut
+
+
 def _reraise(exc: BaseException) -> None:
     raise exc
+
+
+async def _sleep0() -> None:
+    await asyncio.sleep(0)
 
 
 async def _until_loop_ends(
@@ -162,10 +413,12 @@ class AsyncKeyedExecutor(Generic[K]):
     be called on that loop; other threads use :meth:`submit_threadsafe`.
 
     Cancellation: cancelling a job's future before its turn means it never
-    runs; cancelling it while the job runs cancels the job's task (the job sees
-    CancelledError). As with any future, a task cancelled while it awaits
-    ``submit``'s future cancels the job too (``asyncio.shield`` prevents it).
-    Jobs run in a copy of the submitter's contextvars.
+    runs; cancelling it while the job runs cancels the job (it sees
+    CancelledError where it awaits). As with any future, a task cancelled while
+    it awaits ``submit``'s future cancels the job too (``asyncio.shield``
+    prevents it). Jobs run in a copy of the submitter's contextvars. Jobs do
+    not get a task each: ``asyncio.current_task()`` inside a job is the runner
+    task serving it (see the module docstring for what that means).
 
     Every accepted job ends with its future done. The call ``coro_fn(...)`` is
     part of the job: what it raises ends the job as if its task had raised it
@@ -178,6 +431,9 @@ class AsyncKeyedExecutor(Generic[K]):
     running jobs are cancelled with it, queued ones are cancelled without
     running, and later submits raise RuntimeError.
     """
+
+    #: The scheduler's hot paths (native core or pure Python): see ``keyedexec.NATIVE``.
+    _Core: Any = None  # set below the class
 
     def __init__(
         self,
@@ -196,24 +452,22 @@ class AsyncKeyedExecutor(Generic[K]):
         self._on_error: ErrorHandler = on_error or log_task_error
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._keys: dict[Any, _KeyState] = {}
-        self._ready: deque[_KeyState] = deque()
-        self._runners: set[asyncio.Task[Any]] = set()
+        core = self._core = self._Core(weakref.ref(self), self._concurrency, self._batch)
+        # The hot paths, bound straight to the core: no Python frame in between.
+        self.submit = core.submit  # type: ignore[method-assign]
+        self.execute = core.execute  # type: ignore[method-assign]
+        self._keys: dict[Any, _KeyState] = core.keys
+        self._ready: deque[_KeyState] = core.ready
+        self._runners: set[_Runner] = core.runners
         self._spawned = 0
-        # Started jobs by task: keeps each task referenced until it ends (the loop
-        # holds tasks weakly).
-        self._runs: dict[asyncio.Future[Any], _Run] = {}
-        # Jobs awaiting shutdown(wait=True), by the future that releases each:
-        # all are set together once every runner has finished or waits for one.
-        self._in_shutdown: dict[asyncio.Future[None], _Run] = {}
+        # Runners whose job awaits shutdown(wait=True), by the future that releases
+        # each: all are set together once every runner has finished or waits so.
+        self._in_shutdown: dict[asyncio.Future[None], _Runner] = {}
         # submit_threadsafe's futures not yet done: cancelled if the loop ends first.
         self._from_threads: set[concurrent.futures.Future[Any]] = set()
         self._threads_lock = threading.Lock()
         self._loop_ended = False
         self._watch: AsyncGenerator[None, None] | None = None
-        self._closed = False
-        self._running = self._pending = 0
-        self._submitted = self._completed = self._failed = self._cancelled = 0
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -231,17 +485,14 @@ class AsyncKeyedExecutor(Generic[K]):
         TypeError (unhashable key, coro_fn not callable) or RuntimeError (after
         shutdown; called off the loop) without queueing anything.
         """
-        loop = self._bind()
-        fut: asyncio.Future[R] = loop.create_future()
-        self._push(key, coro_fn, args, kwargs, fut, contextvars.copy_context())
+        fut: asyncio.Future[R] = self._core.submit(key, coro_fn, *args, **kwargs)
         return fut
 
     def execute(
         self, key: K, coro_fn: Callable[P, Awaitable[object]], /, *args: P.args, **kwargs: P.kwargs
     ) -> None:
         """Like :meth:`submit`, fire and forget: an exception goes to ``on_error(key, exc)``."""
-        self._bind()
-        self._push(key, coro_fn, args, kwargs, None, contextvars.copy_context())
+        self._core.execute(key, coro_fn, *args, **kwargs)
 
     def submit_threadsafe(
         self, key: K, coro_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
@@ -260,7 +511,7 @@ class AsyncKeyedExecutor(Generic[K]):
             hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
-        if self._closed:
+        if self._core.closed:
             raise RuntimeError(_ENDED if self._loop_ended else _CLOSED)
         loop = self._loop
         if loop is None:
@@ -302,7 +553,7 @@ class AsyncKeyedExecutor(Generic[K]):
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         try:
-            self._push(key, fn, args, kwargs, fut, ctx)
+            self._core.push(key, fn, args, kwargs, fut, ctx)
         except Exception as exc:  # shut down since the call, typically
             if cf.set_running_or_notify_cancel():
                 cf.set_exception(exc)
@@ -329,39 +580,12 @@ class AsyncKeyedExecutor(Generic[K]):
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         # Called on the loop: its async generator hooks see the watch start.
-        self._loop = loop
+        self._loop = self._core.loop = loop
         watch = self._watch = _until_loop_ends(weakref.ref(self))
         try:
             watch.asend(None).send(None)  # runs it to its yield, no task needed
         except StopIteration:
             pass
-
-    def _push(
-        self,
-        key: Any,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        fut: asyncio.Future[Any] | None,
-        ctx: contextvars.Context,
-    ) -> None:
-        if not callable(fn):
-            raise TypeError(_not_callable(fn))
-        try:
-            ks = self._keys.get(key)
-        except TypeError as exc:
-            raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
-        if self._closed:
-            raise RuntimeError(_CLOSED)
-        new = ks is None
-        if ks is None:
-            ks = self._keys[key] = _KeyState(key)
-            self._ready.append(ks)
-        ks.jobs.append((fn, args, kwargs, fut, ctx))
-        self._pending += 1
-        self._submitted += 1
-        if new and len(self._runners) < self._concurrency:
-            self._spawn()
 
     # -- runners ------------------------------------------------------------------
 
@@ -370,118 +594,96 @@ class AsyncKeyedExecutor(Generic[K]):
         self._spawned += 1
         # An empty context: a runner must not keep its first submitter's variables alive.
         task = contextvars.Context().run(
-            self._loop.create_task, self._serve(), name=f"{self._name}-runner-{self._spawned}"
+            _Runner, self._serve(), loop=self._loop,
+            name=f"{self._name}-runner-{self._spawned}", state=self._core.new_state(),
         )
         self._runners.add(task)
         task.add_done_callback(self._runner_gone)  # also if cancelled before it started
 
     async def _serve(self) -> None:
         me = asyncio.current_task()
-        assert me is not None
-        ready = self._ready
+        assert isinstance(me, _Runner)
+        st = me.state
+        run = self._core.run
         try:
-            while ready:
-                ks = ready.popleft()
-                ks.serving = _SERVED
-                jobs = ks.jobs
-                served = 0
-                while jobs and served < self._batch:
-                    served += 1
-                    run = self._start(ks, jobs.popleft(), me)
-                    if run is None:
-                        continue  # skipped, or failed to start: nothing to wait for
+            while True:
+                suspended = run(st)  # the jobs that do not suspend run in there
+                if suspended is None:
+                    return  # no key is ready
+                if suspended is YIELD:
                     try:
-                        await run.waiter
-                    except asyncio.CancelledError:
-                        # Cancelled from outside (asyncio.run cancelling leftovers):
-                        # stop, and take the running job down too.
-                        if run.waiter.done():
-                            self._release(ks)
-                        else:
-                            ks.serving = _ORPHANED  # released when the job ends
-                            run.task.cancel()
-                        raise
-                self._release(ks)
+                        await _sleep0()  # jobs that never await must not starve the loop
+                    except _CancelledError:
+                        st.stops = max(st.stops, 1)
+                    continue
+                if suspended is STOP:
+                    raise _CancelledError  # cancelled from outside
+                await self._run_suspended(st, *suspended)
         finally:
             # Leave the set now, not in the done callback that runs later: a
             # submit in between must know that this runner takes no more keys.
             self._runner_gone(me)
 
+    async def _run_suspended(
+        self,
+        st: Any,
+        coro: Coroutine[Any, Any, Any],
+        ctx: contextvars.Context,
+        step: Any,
+        fut: asyncio.Future[Any] | None,
+    ) -> None:
+        """The rest of a job that suspended at its first step."""
+        core = self._core
+        ks = st.ks
+        drive = st.drive = _Drive(coro, ctx, step)
+        if fut is not None:
+            fut.add_done_callback(drive.future_done)
+        try:
+            result = await drive
+        except GeneratorExit:
+            raise  # the runner is closed with its loop
+        except BaseException as exc:
+            self._failed_or_cancelled(ks.key, fut, exc)
+        else:
+            core.completed += 1
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+        finally:
+            core.running -= 1
+            st.job = st.drive = None
+            if fut is not None:
+                fut.remove_done_callback(drive.future_done)
+            if not ks.jobs and not st.stops and self._keys.get(ks.key) is ks:
+                # Freed now rather than when the runner goes on: metrics() is
+                # exact by the time the job's awaiter resumes.
+                del self._keys[ks.key]
+
+    def _failed_or_cancelled(
+        self, key: Any, fut: asyncio.Future[Any] | None, exc: BaseException
+    ) -> None:
+        if isinstance(exc, _CancelledError):
+            self._cancel(fut)
+            return
+        self._fail(key, fut, exc)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            assert self._loop is not None
+            self._loop.call_soon(_reraise, exc)  # out of the loop, as from a task
+
     def _runner_gone(self, runner: asyncio.Task[Any]) -> None:
-        self._runners.discard(runner)
+        self._runners.discard(runner)  # type: ignore[arg-type]
         if self._in_shutdown:
             self._release_shutdown_waiters()
 
-    def _release(self, ks: _KeyState) -> None:
-        # A runner lets go of a key: back in line if it has work, else freed.
-        ks.serving = _QUEUED
-        if ks.jobs:
-            self._ready.append(ks)
-        elif self._keys.get(ks.key) is ks:
-            del self._keys[ks.key]
-
-    def _start(self, ks: _KeyState, job: _Job, runner: asyncio.Task[Any]) -> _Run | None:
-        fn, args, kwargs, fut, ctx = job
-        self._pending -= 1
-        if fut is not None and fut.cancelled():
-            self._cancelled += 1
-            return None
-        loop = self._loop
-        assert loop is not None
-        run = _Run(ks, fut, loop.create_future(), runner)
-        try:
-            task = run.task = ctx.run(_start_job, run, loop, fn, args, kwargs)
-        except BaseException as exc:
-            # The call raised, or returned no awaitable: the job ends as its task would.
-            if isinstance(exc, asyncio.CancelledError):
-                self._cancel(fut)
-            else:
-                self._fail(ks.key, fut, exc)
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    loop.call_soon(_reraise, exc)  # out of the loop, as from a task
-            return None
-        self._running += 1
-        self._runs[task] = run
-        task.add_done_callback(self._finish)
-        if fut is not None:
-            fut.add_done_callback(run.future_done)
-        return run
-
-    def _finish(self, task: asyncio.Future[Any]) -> None:
-        run = self._runs.pop(task)
-        ks, fut = run.ks, run.fut
-        self._running -= 1
-        if ks.serving == _ORPHANED:
-            self._release(ks)
-        elif not ks.jobs and self._keys.get(ks.key) is ks:
-            # Freed now rather than when the runner wakes: metrics() is exact
-            # by the time the job's awaiter resumes.
-            del self._keys[ks.key]
-        if fut is not None:
-            fut.remove_done_callback(run.future_done)
-        if task.cancelled():
-            self._cancel(fut)
-        else:
-            exc = task.exception()
-            if exc is not None:
-                self._fail(ks.key, fut, exc)
-            else:
-                self._completed += 1
-                if fut is not None and not fut.done():
-                    fut.set_result(task.result())
-        if not run.waiter.done():
-            run.waiter.set_result(None)
-
     def _cancel(self, fut: asyncio.Future[Any] | None) -> None:
         # A job ended cancelled: counted, and its future cancelled.
-        self._cancelled += 1
+        self._core.cancelled += 1
         if fut is not None:
             fut.cancel()
 
     def _fail(self, key: Any, fut: asyncio.Future[Any] | None, exc: BaseException) -> None:
         # A job ended by an exception: counted, and to its future or on_error.
-        self._completed += 1
-        self._failed += 1
+        self._core.completed += 1
+        self._core.failed += 1
         if fut is not None:
             if not fut.done():
                 if isinstance(exc, StopIteration):  # asyncio futures refuse it
@@ -525,8 +727,8 @@ class AsyncKeyedExecutor(Generic[K]):
             ks.jobs.clear()
             if ks.serving == _QUEUED:
                 del self._keys[ks.key]  # the caller takes it off the ready queue
-        self._pending -= n
-        self._cancelled += n
+        self._core.pending -= n
+        self._core.cancelled += n
         for fut in futures:
             fut.cancel()
         return n
@@ -551,10 +753,10 @@ class AsyncKeyedExecutor(Generic[K]):
         """
         if self._loop is not None and self._loop.is_closed():
             self._forsake_threads()  # nothing will ever run: only threads can be told
-            self._closed = True
+            self._core.closed = True
             return
         self._bind()
-        self._closed = True
+        self._core.closed = True
         if cancel_futures and self._keys:
             self._drop(list(self._keys.values()))
             self._ready.clear()
@@ -563,16 +765,19 @@ class AsyncKeyedExecutor(Generic[K]):
         # Queued keys whose runners were cancelled from outside get new ones.
         for _ in range(min(len(self._ready), self._concurrency - len(self._runners))):
             self._spawn()
-        run = _current_job.get()
-        if run is None or run.waiter.done() or run.runner not in self._runners:
-            while True:  # not inside one of our jobs: wait for everything
+        job = _current_job.get()
+        runner = None
+        if job is not None:
+            runner = next((r for r in self._runners if r.state.job is job), None)
+        if runner is None:
+            while True:  # not inside one of our running jobs: wait for everything
                 runners = [t for t in self._runners if not t.done()]
                 if not runners:
                     return
                 await asyncio.wait(runners)
         assert self._loop is not None
         released = self._loop.create_future()
-        self._in_shutdown[released] = run
+        self._in_shutdown[released] = runner
         try:
             self._release_shutdown_waiters()  # this job may be the last one they wait for
             await released
@@ -582,7 +787,7 @@ class AsyncKeyedExecutor(Generic[K]):
     def _release_shutdown_waiters(self) -> None:
         # Release the jobs awaiting shutdown, all at once, when every runner has
         # finished or waits for one of them: nothing else can make progress.
-        parked = {run.runner for run in self._in_shutdown.values()}
+        parked = set(self._in_shutdown.values())
         if all(t in parked or t.done() for t in self._runners):
             for released in self._in_shutdown:
                 if not released.done():
@@ -593,12 +798,13 @@ class AsyncKeyedExecutor(Generic[K]):
         # The loop is ending (asyncio.run cleaning up): nothing will run any more.
         # Leave no future pending, least of all one a thread may block on.
         self._forsake_threads()  # first: a thread that sees it closed says why
-        self._closed = True
+        self._core.closed = True
         if self._keys:
             self._drop(list(self._keys.values()))
             self._ready.clear()
-        for run in list(self._runs.values()):
-            run.task.cancel()  # started after asyncio.run cancelled the tasks it knew
+        for runner in list(self._runners):
+            if runner.state.drive is not None:
+                runner.state.drive.cancel_job()  # started after asyncio.run cancelled the tasks it knew
 
     def _forsake_threads(self) -> None:
         # Cancel submit_threadsafe's pending futures; refuse any more.
@@ -628,7 +834,7 @@ class AsyncKeyedExecutor(Generic[K]):
 
     def stats(self) -> Stats:
         """``Stats(concurrency, pending)``: pending = queued + running."""
-        return Stats(self._concurrency, self._running + self._pending)
+        return Stats(self._concurrency, self._core.running + self._core.pending)
 
     def metrics(self) -> Metrics:
         """A snapshot of the counters (see :class:`keyedexec.Metrics`).
@@ -638,13 +844,13 @@ class AsyncKeyedExecutor(Generic[K]):
         """
         return Metrics(
             len(self._runners),
-            self._running,
-            self._pending,
+            self._core.running,
+            self._core.pending,
             len(self._keys),
-            self._submitted,
-            self._completed,
-            self._failed,
-            self._cancelled,
+            self._core.submitted,
+            self._core.completed,
+            self._core.failed,
+            self._core.cancelled,
         )
 
     @property
@@ -655,14 +861,23 @@ class AsyncKeyedExecutor(Generic[K]):
     @property
     def closed(self) -> bool:
         """True once shutdown began."""
-        return self._closed
+        return self._core.closed
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._core.closed else "open"
         return (
             f"<{type(self).__name__} {state} concurrency={self._concurrency} "
-            f"running={self._running} pending={self._pending} keys={len(self._keys)}>"
+            f"running={self._core.running} pending={self._core.pending} keys={len(self._keys)}>"
         )
+
+
+if False:  # native core: next commit
+    from ._core import AsyncCore as _NativeCore
+
+    _NativeCore._setup(_State, _KeyState, _start, _CLOSED, _not_callable)
+    AsyncKeyedExecutor._Core = _NativeCore
+else:
+    AsyncKeyedExecutor._Core = _PyCore
 
 
 def _copy_outcome(cf: concurrent.futures.Future[Any], fut: asyncio.Future[Any]) -> None:
