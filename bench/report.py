@@ -38,6 +38,9 @@ SCENARIOS: dict[str, str] = {
     "memory-rss": "memory: RSS kept after drain",
     "memory-rss-trim": "  ... then after malloc_trim(0)",
     "pool-bytes": "TaskPool: bytes / active key",
+    "submit-async": "asyncio: await submit_async (gather)",
+    "aio-submit": "asyncio: AsyncKeyedExecutor.submit + gather",
+    "aio-execute": "asyncio: AsyncKeyedExecutor.execute",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -116,6 +119,12 @@ GOALS: list[Goal] = [
     Goal("memory-native", "native", "<= 150 B", 150, None, False),
     Goal("memory-rss", "native", "<= 10 % of peak", 10, None, False),
     Goal("pool-bytes", "native", "well under 1 KB: <= 512 B", 512, None, False),
+    Goal("submit-async", "submit-async", ">= 5 x run_in_executor", 5,
+         ("submit-async", "run-in-executor")),
+    Goal("aio-submit", "aio-native", ">= 2 x Lock + Semaphore", 2, ("aio-submit", "aio-lock")),
+    Goal("aio-submit", "aio-native", ">= 1.2 x bare gather", 1.2, ("aio-submit", "aio-gather")),
+    Goal("aio-execute", "aio-native", ">= 10 x Lock + Semaphore", 10,
+         ("aio-submit", "aio-lock")),
 ]
 
 

@@ -206,14 +206,20 @@ def _start(
     step. Returns (coroutine, what it awaits); StopIteration: done already."""
     _current_job.set(job)
     try:
-        aw = fn(*args, **kwargs)
+        aw = fn(*args, **kwargs) if kwargs else fn(*args)
     except StopIteration as exc:  # not a coroutine's return: a failure of the call
         raise RuntimeError(f"coro_fn raised {exc!r}") from None
-    if type(aw) is not _CoroutineType and not asyncio.iscoroutine(aw):
-        if not inspect.isawaitable(aw):
-            raise TypeError(f"coro_fn must return an awaitable, got {type(aw).__name__}")
-        aw = _await(aw)  # a coroutine of its own, even when jobs return one shared future
+    if type(aw) is not _CoroutineType:
+        aw = _as_coroutine(aw)
     return aw, aw.send(None)
+
+
+def _as_coroutine(aw: object) -> Coroutine[Any, Any, Any]:
+    if asyncio.iscoroutine(aw):
+        return aw
+    if not inspect.isawaitable(aw):
+        raise TypeError(f"coro_fn must return an awaitable, got {type(aw).__name__}")
+    return _await(aw)  # a coroutine of its own, even when jobs return one shared future
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
@@ -259,6 +265,9 @@ class _PyCore:
     @staticmethod
     def new_state() -> _State:
         return _State()
+
+    def _fast_methods(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        return self.submit, self.execute
 
     def submit(self, key: Any, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
                ) -> asyncio.Future[Any]:
@@ -454,8 +463,7 @@ class AsyncKeyedExecutor(Generic[K]):
         self._loop: asyncio.AbstractEventLoop | None = None
         core = self._core = self._Core(weakref.ref(self), self._concurrency, self._batch)
         # The hot paths, bound straight to the core: no Python frame in between.
-        self.submit = core.submit  # type: ignore[method-assign]
-        self.execute = core.execute  # type: ignore[method-assign]
+        self.submit, self.execute = core._fast_methods()  # type: ignore[method-assign]
         self._keys: dict[Any, _KeyState] = core.keys
         self._ready: deque[_KeyState] = core.ready
         self._runners: set[_Runner] = core.runners
@@ -871,10 +879,9 @@ class AsyncKeyedExecutor(Generic[K]):
         )
 
 
-if False:  # native core: next commit
-    from ._core import AsyncCore as _NativeCore
+if _impl.NATIVE:
+    from ._core import AsyncCore as _NativeCore  # it takes what it shares with us from here
 
-    _NativeCore._setup(_State, _KeyState, _start, _CLOSED, _not_callable)
     AsyncKeyedExecutor._Core = _NativeCore
 else:
     AsyncKeyedExecutor._Core = _PyCore

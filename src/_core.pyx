@@ -1496,3 +1496,8 @@ _fast_def(1, b"submit", _submit_vc,
 _fast_def(2, b"execute_with_error", _execute_with_error_vc,
           b"execute_with_error(key, fn, /, *args, **kwargs)\n--\n\n"
           b"Like submit, but the future's result is the exception raised, or None.")
+
+
+# -- AsyncKeyedExecutor (keyedexec/aio.py) ------------------------------------------
+
+include "_aio.pxi"

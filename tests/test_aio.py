@@ -21,13 +21,34 @@ from typing import Any, Awaitable, Callable, Coroutine
 import pytest
 
 from keyedexec import Metrics, Stats
-from keyedexec.aio import AsyncKeyedExecutor
+from keyedexec._impl import _flag
+from keyedexec.aio import AsyncKeyedExecutor, _PyCore
+
+try:
+    from keyedexec._core import AsyncCore
+except ImportError:  # pragma: no cover - exercised only without a build
+    AsyncCore = None
 
 pytestmark = pytest.mark.timeout(30)
 
 T = 10.0  # seconds any single wait may take before the test fails
 
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=["native", "pure"], autouse=True)
+def core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every test runs on both hot-path implementations (keyedexec._core.AsyncCore, _PyCore)."""
+    if request.param == "native":
+        if AsyncCore is None:
+            if _flag("KEYEDEXEC_REQUIRE_NATIVE"):
+                pytest.fail("keyedexec._core is missing and KEYEDEXEC_REQUIRE_NATIVE=1")
+            pytest.skip("keyedexec._core is not built")
+        chosen: Any = AsyncCore
+    else:
+        chosen = _PyCore
+    monkeypatch.setattr(AsyncKeyedExecutor, "_Core", chosen)
+    return chosen
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
