@@ -71,3 +71,31 @@ class Scheduler:
     def _before_fork(self) -> None: ...
     def _after_fork_parent(self) -> None: ...
     def _after_fork_child(self) -> None: ...
+
+
+class AsyncCore:
+    """AsyncKeyedExecutor's hot paths (src/_aio.pxi); keyedexec.aio._PyCore is its twin."""
+
+    owner: Callable[[], Any]
+    loop: Any
+    closed: bool
+    concurrency: int
+    batch: int
+    keys: dict[Any, Any]
+    ready: Any
+    runners: set[Any]
+    running: int
+    pending: int
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+
+    def __init__(self, owner: Callable[[], Any], concurrency: int, batch: int) -> None: ...
+    @staticmethod
+    def new_state() -> Any: ...
+    def _fast_methods(self) -> tuple[Callable[..., Any], Callable[..., Any]]: ...
+    def push(self, key: Any, fn: Any, args: tuple[Any, ...], kwargs: Any, fut: Any,
+             ctx: Any) -> None: ...
+    def release(self, ks: Any) -> None: ...
+    def run(self, st: Any) -> Any: ...

@@ -108,6 +108,7 @@ class AsyncResult(asyncio.Future[Any]):
     ``concurrent.futures``)."""
 
     __slots__ = ("_task",)
+    _task: Any  # the task's KeyedFuture
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg=msg):

@@ -121,7 +121,7 @@ class _Runner(asyncio.Task):  # type: ignore[type-arg]
     def uncancel(self) -> int:
         if self.state.stops:
             self.state.stops -= 1
-        return super().uncancel()  # type: ignore[no-any-return, misc]
+        return super().uncancel()
 
 
 class _Drive:
@@ -250,7 +250,7 @@ class _PyCore:
     the facade keeps everything else (suspended jobs, cancellation, shutdown).
     ``owner`` is a weak reference to the facade (no reference cycle)."""
 
-    def __init__(self, owner: weakref.ref[Any], concurrency: int, batch: int) -> None:
+    def __init__(self, owner: Callable[[], Any], concurrency: int, batch: int) -> None:
         self.owner = owner
         self.concurrency = concurrency
         self.batch = batch
@@ -642,7 +642,7 @@ class AsyncKeyedExecutor(Generic[K]):
     ) -> None:
         """The rest of a job that suspended at its first step."""
         core = self._core
-        ks = st.ks
+        ks: _KeyState = st.ks
         drive = st.drive = _Drive(coro, ctx, step)
         if fut is not None:
             fut.add_done_callback(drive.future_done)
@@ -677,8 +677,8 @@ class AsyncKeyedExecutor(Generic[K]):
             assert self._loop is not None
             self._loop.call_soon(_reraise, exc)  # out of the loop, as from a task
 
-    def _runner_gone(self, runner: asyncio.Task[Any]) -> None:
-        self._runners.discard(runner)  # type: ignore[arg-type]
+    def _runner_gone(self, runner: Any) -> None:
+        self._runners.discard(runner)
         if self._in_shutdown:
             self._release_shutdown_waiters()
 
@@ -869,7 +869,7 @@ class AsyncKeyedExecutor(Generic[K]):
     @property
     def closed(self) -> bool:
         """True once shutdown began."""
-        return self._core.closed
+        return bool(self._core.closed)
 
     def __repr__(self) -> str:
         state = "closed" if self._core.closed else "open"
