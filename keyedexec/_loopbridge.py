@@ -18,7 +18,11 @@ The cancellation of the asyncio future reaches the task through
 a task the scheduler drops without running it (``cancel_key``,
 ``shutdown(cancel_futures=True)``, a broken pool) is seen when its
 :class:`_LoopCall` is released unrun, and the asyncio future gets the task
-future's fate (cancelled, or its exception).
+future's fate (cancelled, or its exception). Known limitation on free-threaded
+builds: a LoopCall dropped by another thread than the loop's (a broken pool,
+``cancel_key`` called from a thread) is released, and so reports, only when the
+loop's thread next runs Python code (biased reference counting merges the
+count in the owning thread).
 """
 
 from __future__ import annotations

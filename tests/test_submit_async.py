@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import weakref
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from keyedexec import _loopbridge
 from keyedexec.errors import BrokenThreadPool
@@ -23,6 +25,7 @@ from keyedexec.errors import BrokenThreadPool
 pytestmark = pytest.mark.timeout(60)
 
 T = 10.0
+FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 def test_result_ready_before_or_after_the_await_starts(h: Any) -> None:
@@ -133,6 +136,11 @@ def test_tasks_dropped_by_the_scheduler_cancel_their_awaitables(h: Any, how: str
     assert ex.metrics().cancelled == 3
 
 
+@pytest.mark.skipif(
+    FREE_THREADED,
+    reason="known limitation: dropped from a worker thread, the LoopCall is released (and"
+    " reports) only when the loop's thread next runs Python code (biased reference counting)",
+)
 def test_tasks_dropped_by_a_broken_pool_fail_their_awaitables(h: Any) -> None:
     """An initializer that raises breaks the pool: queued tasks fail with BrokenThreadPool."""
     go = threading.Event()
@@ -167,7 +175,8 @@ def test_exceptions_reach_the_awaiter_stopiteration_too(h: Any) -> None:
             await asyncio.wait_for(ex.submit_async("k", stop), T)
 
     asyncio.run(main())
-    assert ex.metrics().failed == 2
+    # The outcome is posted before the worker's own accounting: wait for it.
+    assert wait_until(lambda: ex.metrics().failed == 2)
 
 
 def test_loop_closed_with_completions_in_flight(h: Any) -> None:
