@@ -389,6 +389,7 @@ class Router:
         self._on_error = on_error
         self._broken_error = broken_error
         self._closed: str | None = None  # why submits are refused
+        self._broken: str | None = None
         self._finished = False
         self._unfinished = 0
         self._in_flight = 0
@@ -465,6 +466,8 @@ class Router:
 
     def _check_open(self) -> None:
         if self._closed is not None:
+            if self._broken is not None:
+                raise self._broken_error(self._broken)
             raise RuntimeError(self._closed)
 
     def _wait_for_room(self) -> None:
@@ -534,7 +537,8 @@ class Router:
                 timeout = None
                 for shard in self._shards:
                     if shard.controls or (shard.pending and shard.state == _READY):
-                        due = shard.since + self._linger
+                        # Closed: nothing more will join the batch, send it now.
+                        due = shard.since + (self._linger if self._closed is None else 0.0)
                         if shard.controls or due <= now:
                             send = self._take(shard)
                             if send is not None:
@@ -576,19 +580,20 @@ class Router:
                 self._complete(task, status, value)
         finally:
             _in_callback.active = False
-        for reply in replies:
-            reply.event.set()
         with self._lock:
             for task, status, _value in done:
                 self._release(task, _COUNTER[status])
             actions = self._after_outcomes(shard)
+        for reply in replies:  # cancel_key returns with its key's state up to date
+            reply.event.set()
         self._run_actions(actions)
 
     def _complete(self, task: _Task, status: int, value: Any) -> None:
         if status == CANCELLED:
             _lifecycle.cancel_orphans([task.future])
             return
-        result, exc = None, None
+        result: Any = None
+        exc: BaseException | None = None
         if status == OK:
             result = value
         elif status == OK_PICKLED:
@@ -653,6 +658,9 @@ class Router:
 
     def _start_shard(self, index: int, epoch: int) -> None:
         assert self._transport is not None
+        with self._lock:
+            if self._shards[index].epoch != epoch or self._finished:
+                return
         try:
             self._transport.start(index, epoch)
         except Exception as exc:
@@ -714,7 +722,7 @@ class Router:
         with self._lock:
             if self._finished:
                 return
-            self._closed = f"the executor is broken: {reason}"
+            self._closed = self._broken = f"the executor is broken: {reason}"
             tasks: list[_Task] = []
             for shard in self._shards:
                 tasks.extend(shard.unacked.values())
@@ -724,7 +732,7 @@ class Router:
                 self._new_epoch(shard)
             self._in_flight = 0
         for task in tasks:
-            err = self._broken_error(reason)
+            err = self._broken_error(f"the executor is broken: {reason}")
             if task.sends or task.future.set_running_or_notify_cancel():
                 self._finish_task(task.key, task.future, task.forget, None, err)
         with self._lock:
@@ -797,6 +805,7 @@ class Router:
             if self._closed is None:
                 self._closed = reason
             self._room.notify_all()
+            self._wake.notify()
             tasks: list[_Task] = []
             batches = []
             if cancel and not self._finished:
@@ -1007,7 +1016,7 @@ class RoutedExecutor(Generic[K]):
         if buffersize is not None:
             _check_count("buffersize", buffersize)
         end = None if timeout is None else time.monotonic() + timeout
-        submit = self.submit
+        submit: Callable[..., KeyedFuture[R]] = self.submit
         calls = zip(*iterables)
         fs: deque[KeyedFuture[R]] = deque()
         try:

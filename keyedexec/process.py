@@ -305,6 +305,8 @@ class _PipeTransport:
         with self._lock:
             self._current[shard] = child
             self._children.append(child)
+            if self._finishing:  # started in a race with the end: it ends too
+                self._tell_stop(child)
             if not self._receiver_started:
                 self._receiver_started = True
                 self._receiver.start()
@@ -343,7 +345,9 @@ class _PipeTransport:
             started = self._receiver_started
         if started:
             self._poke()
-        else:
+        else:  # nothing ever started: nobody else closes these
+            self._wake_r.close()
+            self._wake_w.close()
             self._done.set()
 
     def join(self, timeout: float | None) -> bool:
