@@ -377,7 +377,9 @@ class Router:
         self._wake = threading.Condition(self._lock)  # the flusher's
         self._room = threading.Condition(self._lock)  # max_pending; finished
         self._shards = [_Shard(i) for i in range(shards)]
-        self._keys: dict[Any, list[Any]] = {}  # key -> [shard, unfinished tasks]
+        # key -> [shard, its unfinished tasks in submission order]
+        self._keys: dict[Any, list[Any]] = {}
+        self._key_waiters = 0
         self._tids = itertools.count()
         self._requests = itertools.count()
         self._batch_size = batch_size
@@ -398,7 +400,6 @@ class Router:
              "restarts", "recycled"), 0)
         self._flusher = threading.Thread(target=self._flush_loop, name="keyedexec-flusher",
                                          daemon=True)
-        self._barrier = encode_task(_noop, (), {})
 
     def start(self, transport: Transport) -> None:
         """Start every shard (raising what the first failing start raises) and the flusher."""
@@ -448,11 +449,11 @@ class Router:
                 self._wait_for_room()
             entry = self._keys.get(key)
             if entry is None:
-                entry = self._keys[key] = [self._pick(hash(key)), 1]
-            else:
-                entry[1] += 1
+                entry = self._keys[key] = [self._pick(hash(key)), deque()]
+            task = _Task(next(self._tids), key, entry, payload, future, forget)
+            entry[1].append(task)
             shard: _Shard = entry[0]
-            shard.pending.append(_Task(next(self._tids), key, entry, payload, future, forget))
+            shard.pending.append(task)
             self._unfinished += 1
             self.counts["submitted"] += 1
             if len(shard.pending) >= self._batch_size:
@@ -618,16 +619,19 @@ class Router:
 
     def _release(self, task: _Task, counter: str | None) -> None:
         """(under the lock) ``task`` is finished: free its key, count it."""
-        entry = task.entry
-        entry[1] -= 1
-        if not entry[1] and self._keys.get(task.key) is entry:
+        tasks = task.entry[1]
+        if tasks[0] is task:  # the usual case: a key's tasks end in order
+            tasks.popleft()
+        else:
+            tasks.remove(task)
+        if not tasks:
             del self._keys[task.key]
         self._unfinished -= 1
         if counter is not None:
             self.counts[counter] += 1
             if counter == "failed":
                 self.counts["completed"] += 1
-        if self._max_pending is not None or not self._unfinished:
+        if self._max_pending is not None or self._key_waiters or not self._unfinished:
             self._room.notify_all()
 
     def _after_outcomes(self, shard: _Shard) -> list[Callable[[], None]]:
@@ -843,54 +847,22 @@ class Router:
         return not self._flusher.is_alive()
 
     def wait_key(self, key: Any, timeout: float | None) -> bool:
-        """Wait until the tasks of ``key`` submitted before the call have finished.
-
-        Sends a no-op behind them (one task in the counters) unless the key is idle.
-        """
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if end is None else max(0.0, end - time.monotonic())
-            with self._lock:
-                if key not in self._keys:
-                    return True
-                closed = self._closed is not None
-            if closed:  # no barrier after shutdown: watch the key itself
-                while key in self._keys:
-                    if end is not None and time.monotonic() >= end:
-                        return False
-                    time.sleep(0.005)
-                return True
-            barrier = self._submit_payload(key, self._barrier)
-            try:
-                barrier.result(remaining)
-                return True
-            except concurrent.futures.TimeoutError:
-                barrier.cancel()  # if not sent yet; a sent no-op runs harmlessly
-                return False
-            except concurrent.futures.CancelledError:
-                if end is not None and time.monotonic() >= end:
-                    return key not in self._keys
-            except Exception:
-                return True  # lost or broken: the tasks before it are done too
-
-    def _submit_payload(self, key: Any, payload: bytes) -> KeyedFuture[Any]:
-        # wait_key's barrier: submit() without the checks, already encoded.
-        future: KeyedFuture[Any] = KeyedFuture()
+        """Wait until the tasks of ``key`` submitted before the call have finished
+        (their futures are done); False if ``timeout`` passed first."""
+        if getattr(_in_callback, "active", False):
+            raise RuntimeError("wait_key from a done-callback or on_error would deadlock "
+                               "(they run in the thread that completes the tasks)")
         with self._lock:
-            self._check_open()
             entry = self._keys.get(key)
             if entry is None:
-                entry = self._keys[key] = [self._pick(hash(key)), 1]
-            else:
-                entry[1] += 1
-            shard: _Shard = entry[0]
-            shard.pending.append(_Task(next(self._tids), key, entry, payload, future, False))
-            self._unfinished += 1
-            self.counts["submitted"] += 1
-            if len(shard.pending) == 1:
-                shard.since = time.monotonic()
-            self._wake.notify()
-        return future
+                return True
+            last = entry[1][-1].tid
+            self._key_waiters += 1
+            try:
+                return self._room.wait_for(
+                    lambda: self._keys.get(key) is not entry or entry[1][0].tid > last, timeout)
+            finally:
+                self._key_waiters -= 1
 
     # -- introspection --------------------------------------------------------------------
 
@@ -942,10 +914,6 @@ class _Inert:
 
     def join(self, timeout: float | None) -> bool:
         return True
-
-
-def _noop() -> None:
-    pass
 
 
 # -- the facade --------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class ProcessMetrics(NamedTuple):
     active_keys: int
     """Keys with unfinished tasks."""
     submitted: int
-    """Tasks accepted since creation (wait_key's no-ops included)."""
+    """Tasks accepted since creation."""
     completed: int
     """Tasks that ran to the end, returning or raising (or failed to pickle)."""
     failed: int
