@@ -38,6 +38,10 @@ SCENARIOS: dict[str, str] = {
     "memory-rss": "memory: RSS kept after drain",
     "memory-rss-trim": "  ... then after malloc_trim(0)",
     "pool-bytes": "TaskPool: bytes / active key",
+    "process-cpu": "processes: CPU ~1 ms tasks, 2 procs",
+    "process-submit": "processes: no-op submit + wait",
+    "process-rss": "processes: RSS per idle child",
+    "process-bytes": "processes: bytes / queued task",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -116,6 +120,9 @@ GOALS: list[Goal] = [
     Goal("memory-native", "native", "<= 150 B", 150, None, False),
     Goal("memory-rss", "native", "<= 10 % of peak", 10, None, False),
     Goal("pool-bytes", "native", "well under 1 KB: <= 512 B", 512, None, False),
+    Goal("process-cpu", "process", ">= 1.8 x threaded", 1.8, ("process-cpu", "native")),
+    Goal("process-cpu", "process", ">= 1.0 x PPE", 1.0, ("process-cpu", "ppe")),
+    Goal("process-submit", "process", ">= 5 x PPE.submit", 5, ("process-submit", "ppe")),
 ]
 
 
@@ -127,6 +134,8 @@ def fmt_value(m: Measurement) -> str:
         return f"{v:,.1f} us"
     if unit == "B":
         return f"{v:,.0f} B"
+    if unit == "MB":
+        return f"{v:,.1f} MB"
     if unit == "%":
         return f"{v:.0f} % of {m.extra.get('rss_peak_MB', 0):,.0f} MB"
     return f"{v:,.0f} {unit}"
