@@ -416,6 +416,8 @@ if _core is not None:
     native_pool = type("NativeTaskPool", (TaskPool,), {"_Scheduler": _core.Scheduler})
     POOLS = {"native": native_pool, **POOLS}
 LABELS = {c.name: c.label for c in COMPETITORS}
+# bench/test_processes.py's competitors (their own pools, not Competitor objects).
+LABELS.update(process="keyedexec processes", ppe="ProcessPoolExecutor")
 
 
 # -- results --------------------------------------------------------------------------------

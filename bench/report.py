@@ -41,6 +41,10 @@ SCENARIOS: dict[str, str] = {
     "submit-async": "asyncio: await submit_async (gather)",
     "aio-submit": "asyncio: AsyncKeyedExecutor.submit + gather",
     "aio-execute": "asyncio: AsyncKeyedExecutor.execute",
+    "process-cpu": "processes: CPU ~1 ms tasks, 2 procs",
+    "process-submit": "processes: no-op submit + result()",
+    "process-rss": "processes: RSS per idle child",
+    "process-bytes": "processes: bytes / queued task",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -125,6 +129,9 @@ GOALS: list[Goal] = [
     Goal("aio-submit", "aio-native", ">= 1.2 x bare gather", 1.2, ("aio-submit", "aio-gather")),
     Goal("aio-execute", "aio-native", ">= 10 x Lock + Semaphore", 10,
          ("aio-submit", "aio-lock")),
+    Goal("process-cpu", "process", ">= 1.8 x threaded", 1.8, ("process-cpu", "native")),
+    Goal("process-cpu", "process", ">= 1.0 x PPE", 1.0, ("process-cpu", "ppe")),
+    Goal("process-submit", "process", ">= 5 x PPE.submit", 5, ("process-submit", "ppe")),
 ]
 
 
@@ -136,6 +143,8 @@ def fmt_value(m: Measurement) -> str:
         return f"{v:,.1f} us"
     if unit == "B":
         return f"{v:,.0f} B"
+    if unit == "MB":
+        return f"{v:,.1f} MB"
     if unit == "%":
         return f"{v:.0f} % of {m.extra.get('rss_peak_MB', 0):,.0f} MB"
     return f"{v:,.0f} {unit}"

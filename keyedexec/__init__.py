@@ -9,6 +9,8 @@ different keys run in parallel. Two facades over one scheduler:
   that ``stop()`` cancels, like the Go ``taskpool``.
 * :class:`AsyncKeyedExecutor` (``keyedexec.aio``): the same ordering for
   coroutine functions on an asyncio event loop.
+* ``keyedexec.process.ProcessKeyedExecutor``: the same ordering across child
+  processes (imported on demand, not by ``import keyedexec``).
 
 ``keyedexec.NATIVE`` tells whether the compiled core is in use.
 """
@@ -16,7 +18,7 @@ different keys run in parallel. Two facades over one scheduler:
 from ._future import KeyedFuture
 from ._impl import NATIVE
 from .context import Context, background
-from .errors import BrokenThreadPool, Cancelled, DeadlineExceeded, QueueFull
+from .errors import BrokenThreadPool, Cancelled, DeadlineExceeded, QueueFull, ShardLost
 from .executor import KeyedExecutor, Metrics, Stats
 from .aio import AsyncKeyedExecutor
 from .taskpool import PoolMetrics, TaskPool
@@ -35,6 +37,7 @@ __all__ = [
     "Metrics",
     "PoolMetrics",
     "QueueFull",
+    "ShardLost",
     "Stats",
     "TaskPool",
     "background",

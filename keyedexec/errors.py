@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures.thread import BrokenThreadPool
 
-__all__ = ["BrokenThreadPool", "Cancelled", "DeadlineExceeded", "QueueFull"]
+__all__ = ["BrokenThreadPool", "Cancelled", "DeadlineExceeded", "QueueFull", "ShardLost"]
 
 # BrokenThreadPool (re-exported, it is the stdlib's own class): a worker's
 # initializer raised; the executor takes no more tasks and fails the queued ones.
@@ -32,4 +32,13 @@ class QueueFull(Exception):
     Raised by ``TaskPool.submit`` when its ``timeout`` passes, and at once when a
     job submits to its *own* key while that key's queue is full (waiting would
     deadlock: the queue only drains once the submitting job returns).
+    """
+
+
+class ShardLost(Exception):
+    """The process (or actor) that ran a task died before reporting the task's outcome.
+
+    The task may or may not have run, in part or in full: it was sent and never
+    acknowledged. Raised by the futures of the process executor
+    (``keyedexec.process``) under its default ``on_loss="fail"`` (at most once).
     """

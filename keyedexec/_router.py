@@ -1,0 +1,1079 @@
+"""The keyed router: per-key order for executors whose workers live in other processes.
+
+One design for every such backend (child processes in ``keyedexec.process``,
+Ray actors later); only the :class:`Transport` differs.
+
+Caller side (:class:`Router`, :class:`RoutedExecutor`):
+
+* **Routing.** A key with unfinished tasks stays on its shard; an idle key goes
+  to the shard that rendezvous (highest-random-weight) hashing of ``hash(key)``
+  picks among the shards that accept work. So a key keeps its shard (and the
+  state a task left there) while the shard lives.
+* **Batching.** Tasks are grouped per shard; a batch leaves when it holds
+  ``batch_size`` tasks (sent by the submitting thread) or when its first task
+  has waited ``linger`` seconds (sent by the flusher thread), like a Kafka
+  producer. Each batch is numbered per (shard, epoch), from 0.
+* **Acknowledgement.** A sent task is *unacknowledged* until its outcome comes
+  back. When a shard is lost, its unacknowledged tasks fail with
+  :class:`~keyedexec.ShardLost` (``on_loss="fail"``, at most once) or are sent
+  again, first and in their order, to its replacement (``"retry"``, at least
+  once); the replacement gets the next epoch.
+
+Shard side (:class:`ShardHost`): admits batches strictly in sequence order
+(holding early ones), runs each task on a local :class:`KeyedExecutor` under
+its key, and hands outcomes back in batches (:meth:`ShardHost.take_results`).
+
+Wire format (pickled by the transport): a batch is ``(tasks, controls)``, tasks
+``(tid, key, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
+controls ``(kind, key, request)`` run before the batch's tasks. Outcomes are
+``(tid, status, value)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import pickle
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from typing import Any, Callable, Generic, Iterable, Iterator, ParamSpec, Protocol, TypeVar
+
+from . import _lifecycle
+from ._future import KeyedFuture
+from ._report import log_task_error, report_failure
+from ._typevars import K
+from .errors import ShardLost
+from .executor import (
+    KeyedExecutor,
+    Stats,
+    _cancel_in_reverse,
+    _check_count,
+    _check_timeout,
+    _results,
+    _submit_next,
+)
+
+__all__ = ["RemoteError", "RoutedExecutor", "Router", "ShardHost", "Transport"]
+
+R = TypeVar("R")
+P = ParamSpec("P")
+Batch = tuple[list[tuple[int, Any, bytes]], list[tuple[int, Any, int]]]
+Outcome = tuple[int, int, Any]
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+# Outcome statuses.
+OK, OK_PICKLED, RAISED, CANCELLED, CANCEL_DONE = range(5)
+# Control kinds.
+CANCEL_KEY, CANCEL_ALL = range(2)
+# Values of these types travel inside the batch's own pickle: they always load.
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+
+
+class RemoteError(RuntimeError):
+    """A task raised an exception that could not travel back (it failed to pickle
+    or to unpickle). The message names its type and repr; ``__cause__`` carries
+    the remote traceback."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in another process (its ``__cause__``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# -- outcomes: encoding on the shard, decoding on the caller --------------------------------
+
+
+def encode_exception(exc: BaseException) -> tuple[bytes, str]:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = pickle.dumps(exc, _PICKLE)
+        pickle.loads(data)  # some pickle but do not load (a required __init__ argument)
+    except Exception:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        data = pickle.dumps(RemoteError(f"{name}: {exc!r} (it could not be pickled)"), _PICKLE)
+    return data, text
+
+
+def _decode_exception(value: tuple[bytes, str]) -> BaseException:
+    data, text = value
+    try:
+        exc: BaseException = pickle.loads(data)
+    except Exception as load_error:
+        exc = RemoteError(f"a task raised an exception that could not be unpickled here: "
+                          f"{load_error!r}")
+    exc.__cause__ = RemoteTraceback(text)
+    return exc
+
+
+def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    return pickle.dumps((fn, args, kwargs), _PICKLE)
+
+
+# -- the shard side -------------------------------------------------------------------------
+
+
+class Sequencer:
+    """Admits numbered batches strictly in order: an early one is held until the
+    batches before it have arrived."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.held: dict[int, Any] = {}
+        self.out_of_order = 0
+        """Batches that arrived before their turn (held)."""
+
+    def admit(self, seq: int, batch: Any) -> list[Any]:
+        """The batches that may run now, in order (none if ``seq`` is early)."""
+        if seq != self.next:
+            if seq > self.next:
+                self.held[seq] = batch
+                self.out_of_order += 1
+            return []  # a duplicate of an admitted batch is dropped
+        ready = [batch]
+        self.next += 1
+        while self.next in self.held:
+            ready.append(self.held.pop(self.next))
+            self.next += 1
+        return ready
+
+
+class ShardHost:
+    """One shard's end of the router: one epoch of a child process or actor.
+
+    ``deliver`` is called with each batch as it arrives (from one thread);
+    ``take_results`` returns the outcomes gathered since its last call (from
+    one other thread); ``close`` lets the local executor finish its tasks.
+    """
+
+    def __init__(self, workers: int, epoch: int) -> None:
+        self.epoch = epoch
+        self.finished = False
+        self._local: KeyedExecutor[Any] = KeyedExecutor(
+            workers, name="keyedexec-shard", on_error=_shard_bug
+        )
+        self._execute = self._local.execute
+        self._sequencer = Sequencer()
+        # key -> tids admitted and not yet started, in order: cancel_key must
+        # tell which tasks the local executor dropped (the last ones).
+        self._queued: dict[Any, deque[int]] = {}
+        self._lock = threading.Lock()
+        self._outbox: deque[Outcome] = deque()
+        self._ready = threading.Event()
+
+    @property
+    def out_of_order(self) -> int:
+        return self._sequencer.out_of_order
+
+    def deliver(self, epoch: int, seq: int, batch: Batch) -> None:
+        if epoch != self.epoch:
+            return  # sent to an earlier life of this shard: already failed or re-sent
+        for tasks, controls in self._sequencer.admit(seq, batch):
+            # Controls first: they concern tasks sent before this batch only.
+            for kind, key, request in controls:
+                self._cancel(kind, key, request)
+            self._admit(tasks)
+
+    def _admit(self, tasks: list[tuple[int, Any, bytes]]) -> None:
+        with self._lock:
+            queued = self._queued
+            for tid, key, _payload in tasks:
+                q = queued.get(key)
+                if q is None:
+                    q = queued[key] = deque()
+                q.append(tid)
+        execute, run = self._execute, self._run
+        for tid, key, payload in tasks:
+            execute(key, run, tid, key, payload)
+
+    def _run(self, tid: int, key: Any, payload: bytes) -> None:
+        with self._lock:
+            q = self._queued[key]
+            q.popleft()
+            if not q:
+                del self._queued[key]
+        item: Outcome
+        try:
+            try:
+                fn, args, kwargs = pickle.loads(payload)
+            except Exception as exc:
+                raise pickle.UnpicklingError(
+                    f"the task could not be unpickled in the child process: {exc!r}"
+                ) from exc
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            item = (tid, RAISED, encode_exception(exc))
+        else:
+            item = _encode_value(tid, value)
+        self._post(item)
+
+    def _post(self, *items: Outcome) -> None:
+        self._outbox.extend(items)
+        if not self._ready.is_set():
+            self._ready.set()
+
+    def _cancel(self, kind: int, key: Any, request: int) -> None:
+        with self._lock:
+            keys = [key] if kind == CANCEL_KEY else list(self._queued)
+        cancelled: list[int] = []
+        for k in keys:
+            n = self._local.cancel_key(k)
+            if n:
+                # The dropped tasks are the last n admitted: the ones before them
+                # have started (a worker may not have popped its own tid yet).
+                with self._lock:
+                    q = self._queued[k]
+                    cancelled.extend(reversed([q.pop() for _ in range(n)]))
+                    if not q:
+                        del self._queued[k]
+        self._post(*[(tid, CANCELLED, None) for tid in cancelled],
+                   (request, CANCEL_DONE, len(cancelled)))
+
+    def take_results(self, timeout: float | None = None) -> list[Outcome]:
+        """The outcomes since the last call; waits up to ``timeout`` for one
+        (not at all once closed)."""
+        if not self._outbox and not self.finished:
+            self._ready.wait(timeout)
+        self._ready.clear()
+        out = self._outbox
+        return [out.popleft() for _ in range(len(out))]
+
+    def close(self) -> None:
+        """Run every admitted task to its end, then let take_results return []."""
+        self._local.shutdown(wait=True)
+        self.finished = True
+        self._ready.set()
+
+
+def _encode_value(tid: int, value: Any) -> Outcome:
+    if type(value) in _PLAIN:
+        return (tid, OK, value)
+    try:
+        return (tid, OK_PICKLED, pickle.dumps(value, _PICKLE))
+    except Exception as exc:
+        err = pickle.PicklingError(
+            f"the task's result ({type(value).__name__}) could not be pickled: {exc}"
+        )
+        return (tid, RAISED, encode_exception(err))
+
+
+def _shard_bug(key: Any, exc: BaseException) -> None:
+    report_failure(f"keyedexec shard: internal error on key {key!r}", exc)
+
+
+# -- the caller side ------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    """How batches reach shards. Calls back the router with ``results``,
+    ``lost`` (a shard died) and ``broken`` (a shard cannot start)."""
+
+    def start(self, shard: int, epoch: int) -> None:
+        """Start the worker for ``shard`` at ``epoch``; it may accept batches at once."""
+
+    def send(self, shard: int, epoch: int, seq: int, batch: Batch) -> None:
+        """Deliver a batch, without blocking for long. Batches may arrive out of
+        order (they are numbered); one for an epoch no longer current is dropped."""
+
+    def stop(self, shard: int, epoch: int) -> None:
+        """Let that worker finish what it holds and exit (no loss is reported)."""
+
+    def finish(self) -> None:
+        """Every shard is stopped: release the resources once the workers are gone."""
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait until ``finish`` has completed."""
+
+
+# Shard states: starting (no sends yet), ready, draining (recycled once its
+# unacknowledged tasks are back: no new tasks), stopped.
+_STARTING, _READY, _DRAINING, _STOPPED = range(4)
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a well-spread 64-bit score."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+class _Task:
+    __slots__ = ("tid", "key", "entry", "payload", "future", "forget", "sends")
+
+    def __init__(self, tid: int, key: Any, entry: list[Any], payload: bytes,
+                 future: KeyedFuture[Any], forget: bool) -> None:
+        self.tid, self.key, self.entry, self.payload = tid, key, entry, payload
+        self.future, self.forget, self.sends = future, forget, 0
+
+
+class _Reply:
+    """A cancel_key waiting for its shard's answer."""
+
+    __slots__ = ("event", "count", "lost")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self.lost = False
+
+
+class _Shard:
+    __slots__ = ("index", "salt", "epoch", "state", "pending", "controls", "unacked",
+                 "seq", "sent", "since", "replies")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.salt = _mix(index + 1)
+        self.epoch = 0
+        self.state = _STARTING
+        self.pending: deque[_Task] = deque()
+        self.controls: list[tuple[int, Any, int]] = []
+        self.unacked: dict[int, _Task] = {}  # in send order
+        self.seq = 0
+        self.sent = 0  # tasks sent to this epoch (max_tasks_per_shard)
+        self.since = 0.0  # when the oldest pending task was queued
+        self.replies: dict[int, _Reply] = {}
+
+
+_Send = tuple[int, int, int, Batch]
+_in_callback = threading.local()  # set while this thread completes futures
+
+
+class Router:
+    """Routing, batching, sequencing and acknowledgement (see the module docstring).
+
+    Futures and ``on_error`` are completed outside the lock, in the thread that
+    reports the outcome (the transport's). ``lost`` notices come from the
+    transport; stale ones (an earlier epoch) are ignored.
+    """
+
+    def __init__(
+        self,
+        shards: int,
+        *,
+        batch_size: int,
+        linger: float,
+        on_loss: str,
+        max_retries: int,
+        max_tasks_per_shard: int | None,
+        max_pending: int | None,
+        on_error: Callable[[Any, BaseException], object],
+        broken_error: Callable[[str], BaseException],
+    ) -> None:
+        self._transport: Transport | None = None
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # the flusher's
+        self._room = threading.Condition(self._lock)  # max_pending; finished
+        self._shards = [_Shard(i) for i in range(shards)]
+        # key -> [shard, its unfinished tasks in submission order]
+        self._keys: dict[Any, list[Any]] = {}
+        self._key_waiters = 0
+        self._tids = itertools.count()
+        self._requests = itertools.count()
+        self._batch_size = batch_size
+        self._linger = linger
+        self._retry = on_loss == "retry"
+        self._max_retries = max_retries
+        self._max_per_shard = max_tasks_per_shard
+        self._max_pending = max_pending
+        self._on_error = on_error
+        self._broken_error = broken_error
+        self._closed: str | None = None  # why submits are refused
+        self._broken: str | None = None
+        self._finished = False
+        self._unfinished = 0
+        self._in_flight = 0
+        self.counts = dict.fromkeys(
+            ("submitted", "completed", "failed", "cancelled", "lost", "retried",
+             "restarts", "recycled"), 0)
+        self._flusher = threading.Thread(target=self._flush_loop, name="keyedexec-flusher",
+                                         daemon=True)
+
+    def start(self, transport: Transport) -> None:
+        """Start every shard (raising what the first failing start raises) and the flusher."""
+        self._transport = transport
+        for shard in self._shards:
+            transport.start(shard.index, 0)
+            shard.state = _READY
+        self._flusher.start()
+        _lifecycle.register(self)
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def submit(self, key: Any, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any], forget: bool = False) -> KeyedFuture[Any]:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        try:
+            hash(key)
+        except TypeError as exc:
+            raise TypeError(f"key must be hashable: {exc}") from None
+        if type(key) not in _PLAIN:
+            try:
+                pickle.dumps(key, _PICKLE)
+            except Exception as exc:
+                raise TypeError(
+                    f"key must be picklable (it travels with the task): {exc}"
+                ) from exc
+        future: KeyedFuture[Any] = KeyedFuture()
+        try:
+            payload = encode_task(fn, args, kwargs)
+        except Exception as exc:
+            # Fails this task alone, on its own future, like an exception it raised.
+            err = pickle.PicklingError(f"the task for key {key!r} could not be pickled: {exc}")
+            err.__cause__ = exc
+            with self._lock:
+                self._check_open()
+                self.counts["submitted"] += 1
+                self.counts["completed"] += 1
+                self.counts["failed"] += 1
+            future.set_running_or_notify_cancel()
+            self._finish_task(key, future, forget, None, err)
+            return future
+        send = None
+        with self._lock:
+            self._check_open()
+            if self._max_pending is not None and self._unfinished >= self._max_pending:
+                self._wait_for_room()
+            entry = self._keys.get(key)
+            if entry is None:
+                entry = self._keys[key] = [self._pick(hash(key)), deque()]
+            task = _Task(next(self._tids), key, entry, payload, future, forget)
+            entry[1].append(task)
+            shard: _Shard = entry[0]
+            shard.pending.append(task)
+            self._unfinished += 1
+            self.counts["submitted"] += 1
+            if len(shard.pending) >= self._batch_size:
+                send = self._take(shard)
+            elif len(shard.pending) == 1:
+                shard.since = time.monotonic()
+                self._wake.notify()
+        if send is not None:
+            self._send([send])
+        return future
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            if self._broken is not None:
+                raise self._broken_error(self._broken)
+            raise RuntimeError(self._closed)
+
+    def _wait_for_room(self) -> None:
+        # A done-callback runs in the thread that must make room: never wait there.
+        if getattr(_in_callback, "active", False):
+            return
+        while self._unfinished >= self._max_pending and self._closed is None:  # type: ignore[operator]
+            self._room.wait()
+        self._check_open()
+
+    def _pick(self, h: int) -> _Shard:
+        """Rendezvous hashing: the accepting shard with the highest score for ``h``."""
+        h &= _MASK
+        best, best_score = None, -1
+        for shard in self._shards:
+            if shard.state == _READY:
+                score = _mix(h ^ shard.salt)
+                if score > best_score:
+                    best, best_score = shard, score
+        if best is None:  # none accepting right now: its shard, whatever its state
+            best = max(self._shards, key=lambda s: _mix(h ^ s.salt))
+        return best
+
+    # -- batches --------------------------------------------------------------------------
+
+    def _take(self, shard: _Shard) -> _Send | None:
+        """(under the lock) The shard's next batch, its tasks now unacknowledged."""
+        tasks: list[tuple[int, Any, bytes]] = []
+        if shard.state == _READY:
+            limit = self._batch_size
+            if self._max_per_shard is not None:
+                limit = min(limit, self._max_per_shard - shard.sent)
+            pending, unacked = shard.pending, shard.unacked
+            while pending and len(tasks) < limit:
+                task = pending.popleft()
+                if not task.sends and not task.future.set_running_or_notify_cancel():
+                    self._release(task, "cancelled")  # its caller cancelled it
+                    continue
+                task.sends += 1
+                unacked[task.tid] = task
+                tasks.append((task.tid, task.key, task.payload))
+            shard.sent += len(tasks)
+            self._in_flight += len(tasks)
+            if self._max_per_shard is not None and shard.sent >= self._max_per_shard:
+                shard.state = _DRAINING
+            if pending:
+                shard.since = time.monotonic()
+        elif shard.state != _DRAINING:
+            return None
+        controls, shard.controls = shard.controls, []
+        if not tasks and not controls:
+            return None
+        seq = shard.seq
+        shard.seq += 1
+        return (shard.index, shard.epoch, seq, (tasks, controls))
+
+    def _send(self, batches: Iterable[_Send]) -> None:
+        assert self._transport is not None
+        for index, epoch, seq, batch in batches:
+            self._transport.send(index, epoch, seq, batch)
+
+    def _flush_loop(self) -> None:
+        while True:
+            batches = []
+            with self._lock:
+                now = time.monotonic()
+                timeout = None
+                for shard in self._shards:
+                    if shard.controls or (shard.pending and shard.state == _READY):
+                        # Closed: nothing more will join the batch, send it now.
+                        due = shard.since + (self._linger if self._closed is None else 0.0)
+                        if shard.controls or due <= now:
+                            send = self._take(shard)
+                            if send is not None:
+                                batches.append(send)
+                        else:
+                            timeout = due - now if timeout is None else min(timeout, due - now)
+                if not batches:
+                    if self._finished:
+                        return
+                    self._wake.wait(timeout)
+                    continue
+            self._send(batches)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def results(self, index: int, epoch: int, items: list[Outcome]) -> None:
+        """Outcomes from shard ``index`` at ``epoch``, in the order they happened."""
+        done = []
+        replies = []
+        with self._lock:
+            shard = self._shards[index]
+            if epoch != shard.epoch:
+                return
+            unacked = shard.unacked
+            for tid, status, value in items:
+                if status == CANCEL_DONE:
+                    reply = shard.replies.pop(tid, None)
+                    if reply is not None:
+                        reply.count = value
+                        replies.append(reply)
+                    continue
+                task = unacked.pop(tid, None)
+                if task is not None:
+                    done.append((task, status, value))
+            self._in_flight -= len(done)
+        _in_callback.active = True
+        try:
+            for task, status, value in done:
+                self._complete(task, status, value)
+        finally:
+            _in_callback.active = False
+        with self._lock:
+            for task, status, _value in done:
+                self._release(task, _COUNTER[status])
+            actions = self._after_outcomes(shard)
+        for reply in replies:  # cancel_key returns with its key's state up to date
+            reply.event.set()
+        self._run_actions(actions)
+
+    def _complete(self, task: _Task, status: int, value: Any) -> None:
+        if status == CANCELLED:
+            _lifecycle.cancel_orphans([task.future])
+            return
+        result: Any = None
+        exc: BaseException | None = None
+        if status == OK:
+            result = value
+        elif status == OK_PICKLED:
+            try:
+                result = pickle.loads(value)
+            except Exception as load_error:
+                exc = pickle.UnpicklingError(
+                    f"the task's result could not be unpickled here: {load_error!r}")
+        else:
+            exc = _decode_exception(value)
+        self._finish_task(task.key, task.future, task.forget, result, exc)
+
+    def _finish_task(self, key: Any, future: KeyedFuture[Any], forget: bool, result: Any,
+                     exc: BaseException | None) -> None:
+        if forget and exc is not None:
+            try:
+                self._on_error(key, exc)
+            except BaseException as handler_error:
+                report_failure("keyedexec: on_error raised", handler_error)
+            exc = None  # the future of a fire-and-forget task is never read
+        future._set_outcome(result, exc)
+
+    def _release(self, task: _Task, counter: str | None) -> None:
+        """(under the lock) ``task`` is finished: free its key, count it."""
+        tasks = task.entry[1]
+        if tasks[0] is task:  # the usual case: a key's tasks end in order
+            tasks.popleft()
+        else:
+            tasks.remove(task)
+        if not tasks:
+            del self._keys[task.key]
+        self._unfinished -= 1
+        if counter is not None:
+            self.counts[counter] += 1
+            if counter == "failed":
+                self.counts["completed"] += 1
+        if self._max_pending is not None or self._key_waiters or not self._unfinished:
+            self._room.notify_all()
+
+    def _after_outcomes(self, shard: _Shard) -> list[Callable[[], None]]:
+        """(under the lock) Recycle a drained shard; finish a closed, idle router."""
+        actions: list[Callable[[], None]] = []
+        if shard.state == _DRAINING and not shard.unacked:
+            assert self._transport is not None
+            actions.append(functools.partial(self._transport.stop, shard.index, shard.epoch))
+            self._new_epoch(shard)
+            self.counts["recycled"] += 1
+            actions.append(functools.partial(self._start_shard, shard.index, shard.epoch))
+        actions.extend(self._maybe_finish())
+        return actions
+
+    def _new_epoch(self, shard: _Shard) -> None:
+        shard.epoch += 1
+        shard.seq = shard.sent = 0
+        shard.state = _STARTING
+        shard.controls = []
+        for reply in shard.replies.values():  # the old epoch answers no more
+            reply.lost = True
+            reply.event.set()
+        shard.replies = {}
+
+    def _run_actions(self, actions: list[Callable[[], None]]) -> None:
+        for action in actions:
+            action()
+
+    def _start_shard(self, index: int, epoch: int) -> None:
+        assert self._transport is not None
+        with self._lock:
+            if self._shards[index].epoch != epoch or self._finished:
+                return
+        try:
+            self._transport.start(index, epoch)
+        except Exception as exc:
+            self.broken(f"shard {index} could not be started again: {exc!r}")
+            return
+        with self._lock:
+            shard = self._shards[index]
+            if shard.epoch != epoch or shard.state != _STARTING:
+                return
+            shard.state = _READY
+            batches = []
+            while True:
+                send = self._take(shard)
+                if send is None:
+                    break
+                batches.append(send)
+                if shard.state != _READY:
+                    break
+        self._send(batches)
+
+    def lost(self, index: int, epoch: int, reason: str) -> None:
+        """Shard ``index`` at ``epoch`` died: its unacknowledged tasks fail or are re-sent."""
+        with self._lock:
+            shard = self._shards[index]
+            if epoch != shard.epoch or shard.state == _STOPPED:
+                return
+            tasks = sorted(shard.unacked.values(), key=lambda t: t.tid)
+            shard.unacked.clear()
+            self._in_flight -= len(tasks)
+            failed = tasks
+            if self._retry:
+                again = [t for t in tasks if t.sends <= self._max_retries]
+                failed = [t for t in tasks if t.sends > self._max_retries]
+                shard.pending.extendleft(reversed(again))
+                self.counts["retried"] += len(again)
+            self._new_epoch(shard)
+            epoch = shard.epoch
+            self.counts["restarts"] += 1
+        message = (f"{reason}: the task was sent and not acknowledged; it may or may not "
+                   "have run")
+        _in_callback.active = True
+        try:
+            for task in failed:
+                self._finish_task(task.key, task.future, task.forget, None, ShardLost(message))
+        finally:
+            _in_callback.active = False
+        with self._lock:
+            for task in failed:
+                self._release(task, "lost")
+            actions = self._maybe_finish()
+            restart = not self._finished
+        if restart:
+            self._start_shard(index, epoch)
+        self._run_actions(actions)
+
+    def broken(self, reason: str) -> None:
+        """A shard cannot run anything (its initializer raised, it cannot start):
+        fail every unfinished task and refuse new ones, as a broken stdlib pool does."""
+        with self._lock:
+            if self._finished:
+                return
+            self._closed = self._broken = f"the executor is broken: {reason}"
+            tasks: list[_Task] = []
+            for shard in self._shards:
+                tasks.extend(shard.unacked.values())
+                tasks.extend(shard.pending)
+                shard.unacked.clear()
+                shard.pending.clear()
+                self._new_epoch(shard)
+            self._in_flight = 0
+        for task in tasks:
+            err = self._broken_error(f"the executor is broken: {reason}")
+            if task.sends or task.future.set_running_or_notify_cancel():
+                self._finish_task(task.key, task.future, task.forget, None, err)
+        with self._lock:
+            for task in tasks:
+                self._release(task, "failed")
+            actions = self._maybe_finish(force=True)
+        self._run_actions(actions)
+
+    def _maybe_finish(self, force: bool = False) -> list[Callable[[], None]]:
+        """(under the lock) Closed and nothing unfinished: stop every shard."""
+        if self._finished or self._closed is None or (self._unfinished and not force):
+            return []
+        self._finished = True
+        for shard in self._shards:
+            shard.state = _STOPPED
+        self._wake.notify_all()
+        self._room.notify_all()
+        assert self._transport is not None
+        return [self._transport.finish]
+
+    # -- cancel, close, wait --------------------------------------------------------------
+
+    def cancel_key(self, key: Any) -> int:
+        """Cancel ``key``'s tasks that have not started, here and in its shard."""
+        total = 0
+        while True:
+            reply = None
+            send = None
+            with self._lock:
+                entry = self._keys.get(key)
+                if entry is None:
+                    return total
+                shard: _Shard = entry[0]
+                mine = [t for t in shard.pending if t.entry is entry]
+                if mine:
+                    shard.pending = deque(t for t in shard.pending if t.entry is not entry)
+                if shard.state in (_READY, _DRAINING) and any(
+                        t.entry is entry for t in shard.unacked.values()):
+                    request = next(self._requests)
+                    reply = shard.replies[request] = _Reply()
+                    shard.controls.append((CANCEL_KEY, key, request))
+                    send = self._take(shard)
+            total += self._cancel_tasks(mine)
+            if send is not None:
+                self._send([send])
+            if reply is None:
+                return total
+            reply.event.wait()
+            total += reply.count
+            if not reply.lost:
+                return total
+
+    def _cancel_tasks(self, tasks: list[_Task]) -> int:
+        for task in tasks:
+            if task.sends:  # re-queued after a loss: already RUNNING
+                _lifecycle.cancel_orphans([task.future])
+            else:
+                task.future._cancel_queued()
+        with self._lock:
+            for task in tasks:
+                self._release(task, "cancelled")
+            actions = self._maybe_finish()
+        self._run_actions(actions)
+        return len(tasks)
+
+    def close(self, reason: str = "cannot schedule new futures after shutdown",
+              cancel: bool = False) -> None:
+        """Refuse new tasks; with ``cancel``, cancel every task not started."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
+            self._room.notify_all()
+            self._wake.notify()
+            tasks: list[_Task] = []
+            batches = []
+            if cancel and not self._finished:
+                for shard in self._shards:
+                    tasks.extend(shard.pending)
+                    shard.pending.clear()
+                    if shard.unacked and shard.state in (_READY, _DRAINING):
+                        shard.controls.append((CANCEL_ALL, None, next(self._requests)))
+                        send = self._take(shard)
+                        if send is not None:
+                            batches.append(send)
+            actions = self._maybe_finish()
+        self._send(batches)
+        self._cancel_tasks(tasks)
+        self._run_actions(actions)
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._room.wait_for(lambda: self._finished, timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until closed and drained, every shard gone and the threads ended."""
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if end is None else max(0.0, end - time.monotonic())
+
+        if not self.wait_finished(left()):
+            return False
+        assert self._transport is not None
+        if not self._transport.join(left()):
+            return False
+        if self._flusher.is_alive() and self._flusher is not threading.current_thread():
+            self._flusher.join(left())
+        return not self._flusher.is_alive()
+
+    def wait_key(self, key: Any, timeout: float | None) -> bool:
+        """Wait until the tasks of ``key`` submitted before the call have finished
+        (their futures are done); False if ``timeout`` passed first."""
+        if getattr(_in_callback, "active", False):
+            raise RuntimeError("wait_key from a done-callback or on_error would deadlock "
+                               "(they run in the thread that completes the tasks)")
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is None:
+                return True
+            last = entry[1][-1].tid
+            self._key_waiters += 1
+            try:
+                return self._room.wait_for(
+                    lambda: self._keys.get(key) is not entry or entry[1][0].tid > last, timeout)
+            finally:
+                self._key_waiters -= 1
+
+    # -- introspection --------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {**self.counts, "pending": self._unfinished, "in_flight": self._in_flight,
+                    "active_keys": len(self._keys)}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def key_shard(self, key: Any) -> int | None:
+        """The shard a busy key is on (None if idle)."""
+        with self._lock:
+            entry = self._keys.get(key)
+            return None if entry is None else int(entry[0].index)
+
+    # -- process lifecycle (keyedexec._lifecycle) -------------------------------------
+
+    def _close_for_exit(self) -> None:
+        self.close("cannot schedule new futures after interpreter shutdown")
+
+    def _before_fork(self) -> None:
+        pass
+
+    def _after_fork_parent(self) -> None:
+        pass
+
+    def _after_fork_child(self) -> None:
+        # The shards and threads belong to the parent: this copy is closed and inert.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._closed = "cannot schedule new futures in a forked child (the executor " \
+                       "belongs to the parent process)"
+        self._finished = True
+        self._transport = _Inert()
+
+
+_COUNTER = {OK: "completed", OK_PICKLED: "completed", RAISED: "failed", CANCELLED: "cancelled"}
+
+
+class _Inert:
+    def start(self, shard: int, epoch: int) -> None: ...
+    def send(self, shard: int, epoch: int, seq: int, batch: Batch) -> None: ...
+    def stop(self, shard: int, epoch: int) -> None: ...
+    def finish(self) -> None: ...
+
+    def join(self, timeout: float | None) -> bool:
+        return True
+
+
+# -- the facade --------------------------------------------------------------------------
+
+
+class RoutedExecutor(Generic[K]):
+    """The executor API on a :class:`Router`: what every routed backend shares.
+
+    Subclasses build the router and its transport, then call ``_attach``.
+    """
+
+    _router: Router
+    _workers: int
+
+    def _attach(self, router: Router) -> None:
+        self._router = router
+        # Dropped without shutdown: stop accepting, drain, and let the shards go.
+        weakref.finalize(self, router.close)
+
+    def submit(self, key: K, fn: Callable[P, R], /, *args: P.args,
+               **kwargs: P.kwargs) -> KeyedFuture[R]:
+        """Run ``fn(*args, **kwargs)`` after the tasks already submitted for ``key``;
+        returns a ``concurrent.futures.Future`` of its result.
+
+        ``fn``, its arguments and its result travel by pickle: one that cannot be
+        pickled fails this task's future alone (``pickle.PicklingError``). Raises
+        TypeError (unhashable or unpicklable key, fn not callable) or
+        RuntimeError (after shutdown) without queueing anything.
+        """
+        return self._router.submit(key, fn, args, kwargs)
+
+    def execute(self, key: K, fn: Callable[P, object], /, *args: P.args,
+                **kwargs: P.kwargs) -> None:
+        """Like :meth:`submit`, fire and forget: an exception (a lost shard's
+        ShardLost included) goes to ``on_error(key, exc)``."""
+        self._router.submit(key, fn, args, kwargs, forget=True)
+
+    def submit_async(self, key: K, fn: Callable[P, R], /, *args: P.args,
+                     **kwargs: P.kwargs) -> asyncio.Future[R]:
+        """Submit now (the order is the call order) and return an awaitable of the
+        result. Must be called with an event loop running in this thread."""
+        loop = asyncio.get_running_loop()
+        return asyncio.wrap_future(self.submit(key, fn, *args, **kwargs), loop=loop)
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        key: Callable[..., K] | None = None,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[R]:
+        """``fn`` over the iterables, results in input order (like ``Executor.map``).
+
+        ``key(*args)`` gives each call's key (calls with equal keys run in input
+        order, one at a time); without it every call is independent. ``timeout``
+        bounds the whole iteration; ``buffersize`` submits only that many ahead.
+        Ending early cancels the calls not yet sent. ``chunksize`` is accepted and
+        ignored: calls travel in batches anyway.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be callable or None, got {type(key).__name__}")
+        timeout = _check_timeout("timeout", timeout)
+        _check_count("chunksize", chunksize)
+        if buffersize is not None:
+            _check_count("buffersize", buffersize)
+        end = None if timeout is None else time.monotonic() + timeout
+        submit: Callable[..., KeyedFuture[R]] = self.submit
+        calls = zip(*iterables)
+        fs: deque[KeyedFuture[R]] = deque()
+        try:
+            for args in calls if buffersize is None else itertools.islice(calls, buffersize):
+                fs.append(submit(_independent() if key is None else key(*args), fn, *args))
+        except BaseException:
+            _cancel_in_reverse(fs)
+            raise
+        if buffersize is None:
+            return _results(fs, end, None)
+        return _results(fs, end, functools.partial(
+            _submit_next, weakref.ref(self), calls, fn, _IndependentKeys(key)))  # type: ignore[arg-type]
+
+    def cancel_key(self, key: K) -> int:
+        """Cancel ``key``'s tasks that have not started, waiting for its shard's
+        answer. Returns how many. Tasks already running (or finishing) are not
+        affected; their futures report their outcome."""
+        return self._router.cancel_key(key)
+
+    def wait_key(self, key: K, timeout: float | None = None) -> bool:
+        """Wait until every task submitted for ``key`` before the call has
+        finished; False if ``timeout`` seconds passed first."""
+        return self._router.wait_key(key, _check_timeout("timeout", timeout))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks (later submits raise RuntimeError).
+
+        ``cancel_futures=True`` cancels every task that has not started (in the
+        shards too); otherwise everything accepted runs. ``wait=True`` returns
+        once all of it is done and the shards and threads are gone. Calling it
+        again is harmless.
+        """
+        self._router.close(cancel=cancel_futures)
+        if wait:
+            self._router.join()
+
+    def __enter__(self: _E) -> _E:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def stats(self) -> Stats:
+        """``Stats(workers, pending)``: workers in all shards, unfinished tasks."""
+        return Stats(self._workers, self._router.snapshot()["pending"])
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown began (or at interpreter exit)."""
+        return self._router.closed
+
+
+_E = TypeVar("_E", bound=RoutedExecutor[Any])
+
+
+class _Independent:
+    """A key for a call that has none: spread by hash, equal to nothing else, picklable."""
+
+    __slots__ = ("n",)
+    _counter = itertools.count()
+
+    def __init__(self) -> None:
+        self.n = next(self._counter)
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Independent) and other.n == self.n
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore_independent, (self.n,))
+
+
+def _restore_independent(n: int) -> _Independent:
+    key = _Independent.__new__(_Independent)
+    key.n = n
+    return key
+
+
+def _independent() -> _Independent:
+    return _Independent()
+
+
+class _IndependentKeys:
+    """map(buffersize=)'s key function: the user's, or a fresh independent key."""
+
+    def __init__(self, key: Callable[..., Any] | None) -> None:
+        self.key = key
+
+    def __call__(self, *args: Any) -> Any:
+        return _Independent() if self.key is None else self.key(*args)
