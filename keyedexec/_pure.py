@@ -333,7 +333,7 @@ class Scheduler:
             if idle_key:  # an empty ready key is harmless: a worker frees it
                 target.ready = True
                 self._ready.append(target)
-            if self._timing.sample_every and self._timing.sampled(self._submitted):
+            if self._timing.take():
                 task = (task[0], task[1], task[2], task[3], task[4] | K_TIMED, monotonic_ns())
             self._pending += 1
             self._submitted += 1

@@ -13,6 +13,7 @@ unless ``sample_every`` is 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = ["BUCKETS", "HotKey", "Histogram", "Recorder", "Timings", "bucket_of", "hot_keys"]
@@ -27,7 +28,8 @@ def bucket_of(ns: int) -> int:
     return min(((ns - 1) // 1000).bit_length() if ns > 0 else 0, _NBUCKETS - 1)
 
 
-class Histogram(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Histogram:
     """Durations in fixed buckets. ``counts[i]`` holds those above
     ``buckets[i - 1]`` and up to ``buckets[i]`` (not cumulative)."""
 
@@ -108,7 +110,7 @@ def hot_keys(entries: list[tuple[Any, int, bool, int | None]], n: int) -> list[H
     return out
 
 
-_PHI = 0x9E3779B97F4A7C15
+_SEED = 0x9E3779B97F4A7C15  # the native core's SAMPLE_SEED
 _MASK = (1 << 64) - 1
 
 
@@ -117,18 +119,32 @@ class Recorder:
     AsyncKeyedExecutor): the native core's arrays and arithmetic, the same
     tasks chosen for the same submit order."""
 
-    __slots__ = ("sample_every", "_below", "wait", "wait_ns", "run", "run_ns")
+    __slots__ = ("sample_every", "_countdown", "_rng", "wait", "wait_ns", "run", "run_ns")
 
     def __init__(self, sample_every: int) -> None:
         self.sample_every = sample_every
-        self._below = _MASK // sample_every if sample_every else -1
+        self._countdown = 1  # the first task is timed
+        self._rng = _SEED
         self.wait = [0] * _NBUCKETS
         self.run = [0] * _NBUCKETS
         self.wait_ns = self.run_ns = 0
 
-    def sampled(self, submitted: int) -> bool:
-        """Whether the task submitted after ``submitted`` others is timed."""
-        return (submitted * _PHI) & _MASK <= self._below
+    def take(self) -> bool:
+        """Called once per accepted task: whether to time it. The gaps between
+        timed tasks are random in [1, 2 * sample_every - 1] (xorshift64, a fixed
+        seed), so that no periodic pattern of submits is in step with them."""
+        if not self.sample_every:
+            return False
+        self._countdown -= 1
+        if self._countdown:
+            return False
+        x = self._rng
+        x ^= (x << 13) & _MASK
+        x ^= x >> 7
+        x ^= (x << 17) & _MASK
+        self._rng = x
+        self._countdown = 1 + x % (2 * self.sample_every - 1)
+        return True
 
     def record(self, stamp: int, started: int, ended: int) -> None:
         wait, run = max(0, started - stamp), max(0, ended - started)

@@ -18,10 +18,15 @@ from typing import Any
 
 from ._report import logger
 
-__all__ = ["period_for", "start"]
+__all__ = ["period_for", "short_repr", "start"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
+
+
+def short_repr(key: Any) -> str:
+    """A key for a log line: its repr, shortened past 200 characters."""
+    return _repr.repr(key)
 
 
 def period_for(threshold: float) -> float:
@@ -53,7 +58,7 @@ def _watch(ref: weakref.ref[Any], threshold: float, name: str) -> None:
             for key, ran_ns in scheduler._slow_tasks(threshold_ns):
                 logger.warning(
                     "%s: a task of key %s has been running for more than %.3f s (slow_task_threshold=%g s)",
-                    name, _repr.repr(key), ran_ns / 1e9, threshold,
+                    name, short_repr(key), ran_ns / 1e9, threshold,
                 )
             if scheduler._watch_done():
                 return

@@ -176,6 +176,7 @@ DEF INLINE_COMPARED = 8   # _locate's keys compared unlocked, before it allocate
 DEF NBUCKETS = 28         # timing histograms: <= 1 us, <= 2 us, ... <= 2**26 us (67 s), +Inf
 DEF SCAN_SLOTS = 4096     # hot_keys: key-table slots scanned per hold of the mutex
 DEF SLOW_REPORTS = 16     # _slow_tasks: keys reported per call (the rest on the next)
+DEF SAMPLE_SEED = 0x9E3779B97F4A7C15   # keyedexec._timings.Recorder draws the same gaps
 
 
 ctypedef struct Task:
@@ -318,7 +319,8 @@ cdef class Scheduler:
 
     # Timings (see timings()): 1 task in sample_every is timed; 0: none, and no stamps.
     cdef uint32_t sample_every
-    cdef uint64_t sample_below      # a task is timed if submitted * PHI <= this
+    cdef uint64_t sample_countdown  # accepted submits until the next timed one
+    cdef uint64_t sample_rng        # xorshift64 state: the gaps between timed tasks
     cdef uint64_t wait_counts[NBUCKETS]
     cdef uint64_t run_counts[NBUCKETS]
     cdef uint64_t wait_sum_ns, run_sum_ns
@@ -362,8 +364,8 @@ cdef class Scheduler:
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.sample_every = sample_timings
-        if sample_timings:
-            self.sample_below = <uint64_t>0xFFFFFFFFFFFFFFFFULL // sample_timings
+        self.sample_countdown = 1   # the first task is timed
+        self.sample_rng = SAMPLE_SEED
         self.max_workers = workers
         self.batch = batch
         self.queue_size = queue_size
@@ -721,10 +723,12 @@ cdef class Scheduler:
                 t.fut = <PyObject *>fut
             t.kind = kind
             t.stamp = stamp
-            # Weyl sampling: evenly spread, never in step with a periodic pattern of submits.
-            if self.sample_every and self.submitted * <uint64_t>0x9E3779B97F4A7C15ULL <= self.sample_below:
-                t.kind = kind | K_TIMED
-                t.stamp = ke_now_ns()
+            if self.sample_every:
+                self.sample_countdown -= 1
+                if self.sample_countdown == 0:
+                    self.sample_countdown = self._sample_gap()
+                    t.kind = kind | K_TIMED
+                    t.stamp = ke_now_ns()
             ks.count += 1
             self.pending += 1
             self.submitted += 1
@@ -998,6 +1002,16 @@ cdef class Scheduler:
             self._free_key(dead)
         Py_XDECREF_raw(held)
         self._notify_exited()
+
+    cdef inline uint64_t _sample_gap(self) noexcept nogil:
+        """Submits from a timed task to the next: random in [1, 2 * sample_every - 1]
+        (mean sample_every), so that no periodic pattern of submits is in step."""
+        cdef uint64_t x = self.sample_rng
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        self.sample_rng = x
+        return 1 + x % (2 * <uint64_t>self.sample_every - 1)
 
     cdef inline void _record_times(self, uint64_t stamp, uint64_t started,
                                    uint64_t ended) noexcept nogil:
