@@ -862,6 +862,11 @@ class AsyncKeyedExecutor(Generic[K]):
         )
 
     @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (runner tasks, logs, exporters)."""
+        return self._name
+
+    @property
     def concurrency(self) -> int:
         """The most jobs that run at once."""
         return self._concurrency

@@ -484,6 +484,12 @@ class KeyedExecutor(Generic[K]):
         return hot_keys(entries, n)
 
     @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (worker threads, logs, exporters)."""
+        name: str = self._sched.name
+        return name
+
+    @property
     def workers(self) -> int:
         """The pool size."""
         return self._workers

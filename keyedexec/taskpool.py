@@ -244,6 +244,11 @@ class TaskPool(Generic[K]):
         return [] if sched is None else hot_keys(sched.hot_keys(n)[0], n)
 
     @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (threads, logs, exporters)."""
+        return self._name
+
+    @property
     def context(self) -> Context | None:
         """The context every job receives (None before ``start()``)."""
         return self._ctx
