@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .._timings import HotKey, Timings
 
-__all__ = ["KEY_LABEL_MAX", "Observed", "key_labels", "sampling"]
+__all__ = ["KEY_LABEL_MAX", "Observed", "check_hot_keys", "executor_name", "key_labels", "sampling"]
 
 
 class Observed(Protocol):
@@ -32,6 +32,23 @@ class Observed(Protocol):
     def timings(self) -> Timings: ...
 
     def hot_keys(self, n: int = 10) -> list[HotKey]: ...
+
+
+def check_hot_keys(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"hot_keys must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"hot_keys must be >= 0, got {n}")
+    return n
+
+
+def executor_name(executor: Observed, name: object) -> str:
+    """The label an executor is exported under: ``name``, or else its own."""
+    if name is None:
+        return executor.name
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    return name
 
 
 def sampling(every: int) -> str:

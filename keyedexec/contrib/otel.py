@@ -27,7 +27,8 @@ the default ``prefix="keyedexec"``:
   ``hot_keys`` series each per collection, however many keys there are.
   One scan of the keys serves both gauges of a collection.
 
-The callbacks hold the executor weakly and observe nothing once it is gone.
+Several executors can be instrumented on one meter, each under its own name.
+The callbacks hold them weakly and observe nothing for one that is gone.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from .._timings import Histogram, HotKey
-from . import Observed, key_labels, sampling
+from . import Observed, check_hot_keys, executor_name, key_labels
 
 __all__ = ["instrument"]
 
@@ -61,27 +62,128 @@ _GAUGES = [
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
-class _HotKeys:
-    """One hot-key scan per collection: the first gauge's callback scans, the
-    other reuses the answer if it is less than ``fresh`` seconds old."""
+class _Exported:
+    """One executor: its attributes, and one hot-key scan per collection (the
+    first hot-key gauge's callback scans, the other reuses the answer while it
+    is less than a second old)."""
 
-    def __init__(self, ref: weakref.ref[Observed], n: int, fresh: float = 1.0) -> None:
-        self._ref, self._n, self._fresh = ref, n, fresh
-        self._lock = threading.Lock()
+    def __init__(self, executor: Observed, name: str, hot_keys: int) -> None:
+        self.ref = weakref.ref(executor)
+        self.attrs = {"keyedexec.executor": name}
+        self.hot_keys = hot_keys
         self._at = -math.inf
-        self._last: list[tuple[str, HotKey]] = []
+        self._hot: list[tuple[str, HotKey]] = []
         self._served: set[str] = set()
 
-    def take(self, gauge: str) -> list[tuple[str, HotKey]]:
+    def hot(self, executor: Observed, gauge: str) -> list[tuple[str, HotKey]]:
+        now = time.monotonic()
+        if gauge in self._served or now - self._at > 1.0:
+            hot = executor.hot_keys(self.hot_keys)
+            self._hot = list(zip(key_labels([k.key for k in hot]), hot))
+            self._at, self._served = now, set()
+        self._served.add(gauge)
+        return self._hot
+
+
+class _Instruments:
+    """The instruments of one (meter, prefix), for every executor instrumented
+    there: a meter keeps the first instrument of a name, so a second
+    ``instrument()`` call adds its executor to these."""
+
+    def __init__(self, meter: Meter, prefix: str) -> None:
+        self._meter, self._prefix = meter, prefix
+        self._lock = threading.Lock()
+        self._exported: dict[str, _Exported] = {}
+        self._hot_gauges = False
+        for field, index, doc in _COUNTERS:
+            meter.create_observable_counter(
+                f"{prefix}.tasks.{field}", [self._metric(index)], unit="{task}", description=doc
+            )
+        for field, index, unit, doc in _GAUGES:
+            meter.create_observable_up_down_counter(
+                f"{prefix}.{field}", [self._metric(index)], unit=unit, description=doc
+            )
+        for what, doc in (("wait", "Submit to start"), ("run", "Start to end")):
+            name = f"{prefix}.task.{what}"
+            doc += " of the timed tasks (sample_timings)"
+            meter.create_observable_counter(
+                f"{name}.bucket", [self._histogram(what, "bucket")], unit="{task}",
+                description=f"{doc}: those up to le seconds",
+            )
+            meter.create_observable_counter(
+                f"{name}.count", [self._histogram(what, "count")], unit="{task}",
+                description=doc,
+            )
+            meter.create_observable_counter(
+                f"{name}.sum", [self._histogram(what, "sum")], unit="s",
+                description=f"{doc}: their total",
+            )
+
+    def add(self, executor: Observed, name: str, hot_keys: int) -> None:
         with self._lock:
-            now = time.monotonic()
-            if gauge in self._served or now - self._at > self._fresh:
-                executor = self._ref()
-                hot = [] if executor is None else executor.hot_keys(self._n)
-                self._last = list(zip(key_labels([k.key for k in hot]), hot))
-                self._at, self._served = now, set()
-            self._served.add(gauge)
-            return self._last
+            old = self._exported.get(name)
+            if old is not None and old.ref() is not None:
+                raise ValueError(f"an executor named {name!r} is instrumented already: pass name=")
+            self._exported[name] = _Exported(executor, name, hot_keys)
+            create_hot_gauges = hot_keys > 0 and not self._hot_gauges
+            self._hot_gauges = self._hot_gauges or create_hot_gauges
+        if create_hot_gauges:
+            self._meter.create_observable_gauge(
+                f"{self._prefix}.hot_key.queued", [self._hot("queued")], unit="{task}",
+                description="Queued tasks of the keys with the most",
+            )
+            self._meter.create_observable_gauge(
+                f"{self._prefix}.hot_key.oldest_wait", [self._hot("oldest_wait")], unit="s",
+                description="How long the oldest queued task of a hot key has waited",
+            )
+
+    def _live(self) -> list[tuple[_Exported, Observed]]:
+        with self._lock:
+            exported = list(self._exported.values())
+        return [(e, ex) for e in exported if (ex := e.ref()) is not None]
+
+    def _metric(self, index: int) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(ex.metrics()[index], e.attrs) for e, ex in self._live()]
+        return observe
+
+    def _histogram(self, what: str, part: str) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            out = []
+            for e, ex in self._live():
+                h: Histogram = getattr(ex.timings(), what)
+                if part == "count":
+                    out.append(Observation(h.count, e.attrs))
+                elif part == "sum":
+                    out.append(Observation(h.sum, e.attrs))
+                else:
+                    out.extend(
+                        Observation(n, {**e.attrs, "le": "+Inf" if math.isinf(le) else repr(le)})
+                        for le, n in h.cumulative()
+                    )
+            return out
+        return observe
+
+    def _hot(self, gauge: str) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            out = []
+            for e, ex in self._live():
+                if not e.hot_keys:
+                    continue
+                with self._lock:  # the scan cache
+                    hot = e.hot(ex, gauge)
+                for label, k in hot:
+                    value = k.queued if gauge == "queued" else k.oldest_wait
+                    if value is not None:
+                        out.append(Observation(value, {**e.attrs, "keyedexec.key": label}))
+            return out
+        return observe
+
+
+_instruments: weakref.WeakKeyDictionary[Meter, dict[str, _Instruments]] = (
+    weakref.WeakKeyDictionary()
+)
+_instruments_lock = threading.Lock()
 
 
 def instrument(
@@ -92,92 +194,19 @@ def instrument(
     prefix: str = "keyedexec",
     hot_keys: int = 10,
 ) -> None:
-    """Create ``executor``'s instruments on ``meter`` (see the module docstring).
+    """Export ``executor`` through ``meter`` (see the module docstring).
 
-    ``name`` (default: the executor's) is the ``keyedexec.executor``
-    attribute. ``hot_keys``: how many hot keys to export (0: none).
+    ``name`` (default: the executor's) is its ``keyedexec.executor``
+    attribute: executors instrumented on one meter need different names
+    (ValueError otherwise). ``hot_keys``: how many hot keys to export (0: none).
     """
-    if isinstance(hot_keys, bool) or not isinstance(hot_keys, int):
-        raise TypeError(f"hot_keys must be an int, got {type(hot_keys).__name__}")
-    if hot_keys < 0:
-        raise ValueError(f"hot_keys must be >= 0, got {hot_keys}")
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    ref = weakref.ref(executor)
-    attrs = {"keyedexec.executor": executor.name if name is None else name}
-
-    def metric(index: int) -> Callback:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            ex = ref()
-            return [] if ex is None else [Observation(ex.metrics()[index], attrs)]
-        return observe
-
-    for field, index, doc in _COUNTERS:
-        meter.create_observable_counter(
-            f"{prefix}.tasks.{field}", [metric(index)], unit="{task}", description=doc
-        )
-    for field, index, unit, doc in _GAUGES:
-        meter.create_observable_up_down_counter(
-            f"{prefix}.{field}", [metric(index)], unit=unit, description=doc
-        )
-
-    every = sampling(getattr(executor.timings(), "sample_every", 0))
-    for what, doc in (("wait", "Submit to start"), ("run", "Start to end")):
-        _histogram(meter, ref, attrs, f"{prefix}.task.{what}", what, f"{doc} ({every})")
-
-    if hot_keys:
-        scans = _HotKeys(ref, hot_keys)
-
-        def hot(gauge: str, value: Callable[[HotKey], float | None]) -> Callback:
-            def observe(options: CallbackOptions) -> Iterable[Observation]:
-                return [
-                    Observation(v, {**attrs, "keyedexec.key": label})
-                    for label, k in scans.take(gauge)
-                    if (v := value(k)) is not None
-                ]
-            return observe
-
-        meter.create_observable_gauge(
-            f"{prefix}.hot_key.queued", [hot("queued", lambda k: k.queued)], unit="{task}",
-            description=f"Queued tasks of the {hot_keys} keys with the most",
-        )
-        meter.create_observable_gauge(
-            f"{prefix}.hot_key.oldest_wait", [hot("oldest", lambda k: k.oldest_wait)], unit="s",
-            description="How long the oldest queued task of a hot key has waited",
-        )
-
-
-def _histogram(
-    meter: Meter, ref: weakref.ref[Observed], attrs: dict[str, str], name: str, what: str,
-    doc: str,
-) -> None:
-    def histogram() -> Histogram | None:
-        ex = ref()
-        if ex is None:
-            return None
-        h: Histogram = getattr(ex.timings(), what)
-        return h
-
-    def buckets(options: CallbackOptions) -> Iterable[Observation]:
-        h = histogram()
-        if h is None:
-            return []
-        return [
-            Observation(n, {**attrs, "le": "+Inf" if math.isinf(le) else repr(le)})
-            for le, n in h.cumulative()
-        ]
-
-    def count(options: CallbackOptions) -> Iterable[Observation]:
-        h = histogram()
-        return [] if h is None else [Observation(h.count, attrs)]
-
-    def total(options: CallbackOptions) -> Iterable[Observation]:
-        h = histogram()
-        return [] if h is None else [Observation(h.sum, attrs)]
-
-    meter.create_observable_counter(f"{name}.bucket", [buckets], unit="{task}",
-                                    description=f"{doc}: timed tasks up to le seconds")
-    meter.create_observable_counter(f"{name}.count", [count], unit="{task}",
-                                    description=f"{doc}: timed tasks")
-    meter.create_observable_counter(f"{name}.sum", [total], unit="s",
-                                    description=f"{doc}: their total")
+    check_hot_keys(hot_keys)
+    name = executor_name(executor, name)
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+    with _instruments_lock:
+        by_prefix = _instruments.setdefault(meter, {})
+        instruments = by_prefix.get(prefix)
+        if instruments is None:
+            instruments = by_prefix[prefix] = _Instruments(meter, prefix)
+    instruments.add(executor, name, hot_keys)

@@ -23,12 +23,14 @@ the default ``namespace="keyedexec"`` the families are (every sample labelled
   keys, labelled ``key``: at most ``hot_keys`` series each per scrape, however
   many keys the executor holds (see ``keyedexec.contrib.key_labels``).
 
-The collector holds the executor weakly: once the executor is gone, it
-yields nothing (unregister it to drop it from the registry).
+Several executors share one collector (:meth:`KeyedExecutorCollector.add`),
+each under its own ``executor`` label. The collector holds them weakly: an
+executor that is gone is no longer exported.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Iterator
 
@@ -37,7 +39,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from .._timings import Histogram
-from . import Observed, key_labels, sampling
+from . import Observed, check_hot_keys, executor_name, key_labels, sampling
 
 __all__ = ["KeyedExecutorCollector"]
 
@@ -60,12 +62,13 @@ def _le(bound: float) -> str:
 
 
 class KeyedExecutorCollector(Collector):
-    """Exports one executor (KeyedExecutor, TaskPool or AsyncKeyedExecutor).
+    """Exports executors (KeyedExecutor, TaskPool, AsyncKeyedExecutor): the
+    one given here, and those :meth:`add` adds. One collector per registry:
+    a registry refuses two collectors of the same metric names.
 
-    ``name`` (default: the executor's) is the ``executor`` label; two
-    executors in one registry need different names. ``hot_keys`` is how many
-    hot keys are exported (0: none). ``registry``: where to register now
-    (None: do not register).
+    ``name`` (default: the executor's) is its ``executor`` label. ``hot_keys``
+    is how many hot keys to export per executor (0: none). ``registry``:
+    where to register now (None: do not register).
     """
 
     def __init__(
@@ -77,65 +80,61 @@ class KeyedExecutorCollector(Collector):
         hot_keys: int = 10,
         registry: CollectorRegistry | None = REGISTRY,
     ) -> None:
-        if isinstance(hot_keys, bool) or not isinstance(hot_keys, int):
-            raise TypeError(f"hot_keys must be an int, got {type(hot_keys).__name__}")
-        if hot_keys < 0:
-            raise ValueError(f"hot_keys must be >= 0, got {hot_keys}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
-        self._executor = weakref.ref(executor)
-        self._name = executor.name if name is None else name
         self._prefix = namespace + "_"
-        self._hot_keys = hot_keys
+        self._lock = threading.Lock()
+        self._exported: dict[str, tuple[weakref.ref[Observed], int]] = {}
+        self.add(executor, name=name, hot_keys=hot_keys)
         if registry is not None:
             registry.register(self)
 
+    def add(self, executor: Observed, *, name: str | None = None, hot_keys: int = 10) -> None:
+        """Export another executor too, under its own ``name`` (ValueError if taken)."""
+        check_hot_keys(hot_keys)
+        name = executor_name(executor, name)
+        with self._lock:
+            if name in self._exported and self._exported[name][0]() is not None:
+                raise ValueError(f"an executor named {name!r} is exported already: pass name=")
+            self._exported[name] = (weakref.ref(executor), hot_keys)
+
     def describe(self) -> list[Metric]:
-        # Registration checks names for clashes without a scrape.
-        return list(self._families(None))
+        # The names, for the registry's clash check, without reading the executors.
+        return list(self._families([]))
 
     def collect(self) -> Iterator[Metric]:
-        executor = self._executor()
-        if executor is not None:
-            yield from self._families(executor)
+        with self._lock:
+            exported = [(name, ref(), n) for name, (ref, n) in self._exported.items()]
+        yield from self._families([(name, ex, n) for name, ex, n in exported if ex is not None])
 
-    def _families(self, executor: Observed | None) -> Iterator[Metric]:
-        p, labels, values = self._prefix, ["executor"], [self._name]
-        m = None if executor is None else executor.metrics()
+    def _families(self, exported: list[tuple[str, Observed, int]]) -> Iterator[Metric]:
+        p, labels = self._prefix, ["executor"]
+        metrics = [(name, ex.metrics()) for name, ex, _n in exported]
         for field, index, doc in _COUNTERS:
             c = CounterMetricFamily(f"{p}tasks_{field}", doc + ".", labels=labels)
-            if m is not None:
-                c.add_metric(values, m[index])
+            for name, m in metrics:
+                c.add_metric([name], m[index])
             yield c
         for field, index, doc in _GAUGES:
             g = GaugeMetricFamily(f"{p}{field}", doc + ".", labels=labels)
-            if m is not None:
-                g.add_metric(values, m[index])
+            for name, m in metrics:
+                g.add_metric([name], m[index])
             yield g
-        t = None if executor is None else executor.timings()
-        every = "sampled" if t is None else sampling(t.sample_every)
+        timings = [(name, ex.timings()) for name, ex, _n in exported]
+        every = ", ".join(f"{name}: {sampling(t.sample_every)}" for name, t in timings)
         for what, doc in (("wait", "Submit to start"), ("run", "Start to end")):
             h = HistogramMetricFamily(
-                f"{p}task_{what}_seconds", f"{doc} of the timed tasks ({every}).",
-                labels=labels,
+                f"{p}task_{what}_seconds",
+                f"{doc} of the timed tasks ({every or 'sample_timings'}).", labels=labels,
             )
-            if t is not None:
+            for name, t in timings:
                 hist: Histogram = getattr(t, what)
-                h.add_metric(
-                    values,
-                    [(_le(bound), n) for bound, n in hist.cumulative()],
-                    hist.sum,
-                )
+                h.add_metric([name], [(_le(b), n) for b, n in hist.cumulative()], hist.sum)
             yield h
-        if not self._hot_keys:
-            return
-        hot = [] if executor is None else executor.hot_keys(self._hot_keys)
         key_labels_ = ["executor", "key"]
         queued = GaugeMetricFamily(
-            f"{p}hot_key_queued_tasks",
-            f"Queued tasks of the {self._hot_keys} keys with the most.", labels=key_labels_,
+            f"{p}hot_key_queued_tasks", "Queued tasks of the keys with the most.",
+            labels=key_labels_,
         )
         running = GaugeMetricFamily(
             f"{p}hot_key_running", "1 if a task of this hot key runs now.", labels=key_labels_
@@ -144,11 +143,13 @@ class KeyedExecutorCollector(Collector):
             f"{p}hot_key_oldest_wait_seconds",
             "How long the oldest queued task of this hot key has waited.", labels=key_labels_,
         )
-        for k, label in zip(hot, key_labels([k.key for k in hot])):
-            queued.add_metric([self._name, label], k.queued)
-            running.add_metric([self._name, label], int(k.running))
-            if k.oldest_wait is not None:
-                oldest.add_metric([self._name, label], k.oldest_wait)
+        for name, ex, n in exported:
+            hot = ex.hot_keys(n) if n else []
+            for k, label in zip(hot, key_labels([k.key for k in hot])):
+                queued.add_metric([name, label], k.queued)
+                running.add_metric([name, label], int(k.running))
+                if k.oldest_wait is not None:
+                    oldest.add_metric([name, label], k.oldest_wait)
         yield queued
         yield running
         yield oldest
