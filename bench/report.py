@@ -41,6 +41,11 @@ SCENARIOS: dict[str, str] = {
     "submit-async": "asyncio: await submit_async (gather)",
     "aio-submit": "asyncio: AsyncKeyedExecutor.submit + gather",
     "aio-execute": "asyncio: AsyncKeyedExecutor.execute",
+    "execute-untimed": "execute, timing off (sample_timings=0)",
+    "execute-timed": "execute, timing on (default: 1 in 32)",
+    "execute-timed-all": "execute, every task timed",
+    "hot-keys": "hot_keys(10), 1,000,000 active keys",
+    "hot-keys-hold": "  ... longest hold of the mutex",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -125,6 +130,10 @@ GOALS: list[Goal] = [
     Goal("aio-submit", "aio-native", ">= 1.2 x bare gather", 1.2, ("aio-submit", "aio-gather")),
     Goal("aio-execute", "aio-native", ">= 10 x Lock + Semaphore", 10,
          ("aio-submit", "aio-lock")),
+    Goal("execute-timed", "native", "costs <= 5 %: >= 0.95 x off", 0.95,
+         ("execute-untimed", "native")),
+    Goal("hot-keys", "native", "<= 50 ms", 50_000, None, False),
+    Goal("hot-keys-hold", "native", "<= 1 ms", 1_000, None, False),
 ]
 
 
