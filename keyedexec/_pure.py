@@ -215,7 +215,7 @@ class Scheduler:
                 raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         # What the critical section needs is allocated before it: fewer
         # allocations under the lock, fewer collections (and finalizers) there.
-        task: Task = (fn, args, kwargs, fut, kind, monotonic_ns() if self._timing.sample_every else 0)
+        task: Task = (fn, args, kwargs, fut, kind, 0)  # stamped when accepted (_commit)
         if self._lock._is_owned():  # type: ignore[attr-defined]
             # A finalizer, on a thread inside the critical section: defer.
             if self._closing:
@@ -333,8 +333,9 @@ class Scheduler:
             if idle_key:  # an empty ready key is harmless: a worker frees it
                 target.ready = True
                 self._ready.append(target)
-            if self._timing.take():
-                task = (task[0], task[1], task[2], task[3], task[4] | K_TIMED, monotonic_ns())
+            if self._timing.sample_every:  # the submit time: now, after any wait for space
+                kind = task[4] | K_TIMED if self._timing.take() else task[4]
+                task = (task[0], task[1], task[2], task[3], kind, monotonic_ns())
             self._pending += 1
             self._submitted += 1
             receipt.extend((target, task))

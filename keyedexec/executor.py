@@ -14,6 +14,7 @@ import contextvars
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -480,7 +481,7 @@ class KeyedExecutor(Generic[K]):
         keys come and go during the scan.
         """
         n = check_n(n)
-        entries, _longest_hold = self._sched.hot_keys(n)
+        entries, _longest_hold = self._sched.hot_keys(min(n, sys.maxsize))
         return hot_keys(entries, n)
 
     @property

@@ -16,6 +16,7 @@ as KeyedExecutor. What it fixes in the Go original:
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any, Callable, Generic, NamedTuple, Protocol
@@ -241,7 +242,7 @@ class TaskPool(Generic[K]):
         """The ``n`` keys with the most queued jobs (see ``KeyedExecutor.hot_keys``)."""
         n = check_n(n)
         sched = self._sched
-        return [] if sched is None else hot_keys(sched.hot_keys(n)[0], n)
+        return [] if sched is None else hot_keys(sched.hot_keys(min(n, sys.maxsize))[0], n)
 
     @property
     def name(self) -> str:

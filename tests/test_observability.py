@@ -393,3 +393,44 @@ def test_async_executor_logs_a_slow_job(caplog: pytest.LogCaptureFixture) -> Non
     asyncio.run(main())
     [record] = slow_records(caplog)
     assert "slow-job" in record.getMessage()
+
+
+def test_hot_keys_accepts_any_large_n(h: Any) -> None:
+    ex = h.executor(1)
+    gate, blocker = h.block(ex, "k")
+    assert [k.key for k in ex.hot_keys(2**70)] == ["k"]
+    assert [k.key for k in h.impl.TaskPool().hot_keys(2**70)] == []
+
+
+@pytest.mark.parametrize("sample_timings", [1, 32])
+def test_a_submit_that_waited_for_space_counts_from_its_acceptance(
+    impl: Any, sample_timings: int
+) -> None:
+    """TaskPool.submit blocked on a full key: its wait, and its age in hot_keys,
+    count from when it got in, timed or not."""
+    with impl.TaskPool(queue_size=1, max_workers=1, sample_timings=sample_timings) as pool:
+        gates = [threading.Event(), threading.Event()]
+        running = [threading.Event(), threading.Event()]
+
+        def job(i: int) -> Any:
+            return lambda ctx: (running[i].set(), gates[i].wait(T))
+
+        pool.submit("k", job(0))
+        assert running[0].wait(T)
+        pool.submit("k", job(1))  # fills the key
+        third = threading.Thread(target=pool.submit, args=("k", lambda ctx: None))
+        third.start()
+        time.sleep(1.0)  # the third submit waits for space all along
+        released = time.monotonic()
+        gates[0].set()
+        assert running[1].wait(T)
+        third.join(T)
+        [hot] = pool.hot_keys()
+        assert hot.queued == 1 and hot.oldest_wait is not None
+        assert hot.oldest_wait <= time.monotonic() - released + 0.05  # not since its call
+        gates[1].set()
+        assert wait_until(lambda: pool.metrics().completed == 3)
+    wait = pool.timings().wait
+    if sample_timings == 1:
+        assert wait.count == 3
+        assert over(wait, 1.0) == 1  # the second job; not the third, though its call began as early
