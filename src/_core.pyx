@@ -205,6 +205,16 @@ ctypedef struct KeyState:
     Task slot0
 
 
+# Wait and run time histograms, and which tasks to time (Scheduler, AsyncCore).
+ctypedef struct Timing:
+    uint32_t every          # 1 task in every is timed; 0: none, and no stamps
+    uint64_t countdown      # accepted tasks until the next timed one
+    uint64_t rng            # xorshift64 state: the gaps between timed tasks
+    uint64_t wait[NBUCKETS]
+    uint64_t run[NBUCKETS]
+    uint64_t wait_sum, run_sum
+
+
 # A worker thread, as the slow-task watchdog sees it (on the worker's stack,
 # linked into Scheduler.workers while it runs).
 ctypedef struct WorkerSlot:
@@ -317,13 +327,7 @@ cdef class Scheduler:
     cdef uint64_t serials       # KeyState.serial of the last state made (_locate)
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
-    # Timings (see timings()): 1 task in sample_every is timed; 0: none, and no stamps.
-    cdef uint32_t sample_every
-    cdef uint64_t sample_countdown  # accepted submits until the next timed one
-    cdef uint64_t sample_rng        # xorshift64 state: the gaps between timed tasks
-    cdef uint64_t wait_counts[NBUCKETS]
-    cdef uint64_t run_counts[NBUCKETS]
-    cdef uint64_t wait_sum_ns, run_sum_ns
+    cdef Timing timing              # see timings()
     cdef WorkerSlot *workers        # the running workers (slow-task watchdog)
 
     cdef object on_error
@@ -363,9 +367,7 @@ cdef class Scheduler:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        self.sample_every = sample_timings
-        self.sample_countdown = 1   # the first task is timed
-        self.sample_rng = SAMPLE_SEED
+        _timing_init(&self.timing, sample_timings)
         self.max_workers = workers
         self.batch = batch
         self.queue_size = queue_size
@@ -655,7 +657,7 @@ cdef class Scheduler:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         deadline = None
         while True:
-            if self.sample_every:
+            if self.timing.every:
                 stamp = ke_coarse_ns()   # read unlocked; a timed task reads the precise clock
             ks = self._locate(key, h)   # the mutex is held from here
             if self.closing:
@@ -723,12 +725,9 @@ cdef class Scheduler:
                 t.fut = <PyObject *>fut
             t.kind = kind
             t.stamp = stamp
-            if self.sample_every:
-                self.sample_countdown -= 1
-                if self.sample_countdown == 0:
-                    self.sample_countdown = self._sample_gap()
-                    t.kind = kind | K_TIMED
-                    t.stamp = ke_now_ns()
+            if self.timing.every and _timing_take(&self.timing):
+                t.kind = kind | K_TIMED
+                t.stamp = ke_now_ns()
             ks.count += 1
             self.pending += 1
             self.submitted += 1
@@ -905,7 +904,7 @@ cdef class Scheduler:
             if status:
                 slot.ks = NULL
                 if t.kind & K_TIMED and status != T_SKIPPED:
-                    self._record_times(t.stamp, started, ended)
+                    _timing_record(&self.timing, t.stamp, started, ended)
                 held = ks.current
                 ks.current = NULL
                 self.running -= 1
@@ -1002,26 +1001,6 @@ cdef class Scheduler:
             self._free_key(dead)
         Py_XDECREF_raw(held)
         self._notify_exited()
-
-    cdef inline uint64_t _sample_gap(self) noexcept nogil:
-        """Submits from a timed task to the next: random in [1, 2 * sample_every - 1]
-        (mean sample_every), so that no periodic pattern of submits is in step."""
-        cdef uint64_t x = self.sample_rng
-        x ^= x << 13
-        x ^= x >> 7
-        x ^= x << 17
-        self.sample_rng = x
-        return 1 + x % (2 * <uint64_t>self.sample_every - 1)
-
-    cdef inline void _record_times(self, uint64_t stamp, uint64_t started,
-                                   uint64_t ended) noexcept nogil:
-        """Add a timed task's wait (submit -> start) and run (start -> end) (mutex held)."""
-        cdef uint64_t wait = started - stamp if started > stamp else 0
-        cdef uint64_t run = ended - started if ended > started else 0
-        self.wait_counts[ke_bucket(wait, NBUCKETS)] += 1
-        self.wait_sum_ns += wait
-        self.run_counts[ke_bucket(run, NBUCKETS)] += 1
-        self.run_sum_ns += run
 
     cdef void _unlink_worker(self, WorkerSlot *w) noexcept nogil:
         """(mutex held) An exiting worker leaves the watchdog's list."""
@@ -1311,16 +1290,11 @@ cdef class Scheduler:
 
     def timings(self):
         """(sample_every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
-        cdef uint64_t wait[NBUCKETS]
-        cdef uint64_t run[NBUCKETS]
-        cdef uint64_t wait_sum, run_sum
+        cdef Timing copy
         _acquire(self.mu)
-        memcpy(wait, self.wait_counts, sizeof(wait))
-        memcpy(run, self.run_counts, sizeof(run))
-        wait_sum, run_sum = self.wait_sum_ns, self.run_sum_ns
+        copy = self.timing
         ke_unlock(self.mu)
-        return (self.sample_every, tuple([wait[i] for i in range(NBUCKETS)]), wait_sum,
-                tuple([run[i] for i in range(NBUCKETS)]), run_sum)
+        return _timing_tuple(&copy)   # built unlocked: tuples may run the GC
 
     def hot_keys(self, Py_ssize_t n):
         """The ``n`` keys with the most queued tasks (ties: running first), as
@@ -1554,6 +1528,47 @@ cdef class Scheduler:
         self.cancelled += n
         _lifecycle.cancel_orphans(orphans)
         return 0
+
+
+cdef void _timing_init(Timing *t, uint32_t every) noexcept:
+    memset(t, 0, sizeof(Timing))
+    t.every = every
+    t.countdown = 1   # the first task is timed
+    t.rng = SAMPLE_SEED
+
+
+cdef inline bint _timing_take(Timing *t) noexcept nogil:
+    """Once per accepted task (``every`` > 0): whether to time it. The gaps
+    between timed tasks are random in [1, 2 * every - 1] (mean ``every``), so
+    that no periodic pattern of submits is in step with them."""
+    cdef uint64_t x
+    t.countdown -= 1
+    if t.countdown:
+        return False
+    x = t.rng
+    x ^= x << 13
+    x ^= x >> 7
+    x ^= x << 17
+    t.rng = x
+    t.countdown = 1 + x % (2 * <uint64_t>t.every - 1)
+    return True
+
+
+cdef inline void _timing_record(Timing *t, uint64_t stamp, uint64_t started,
+                                uint64_t ended) noexcept nogil:
+    """Add a timed task's wait (submit -> start) and run (start -> end)."""
+    cdef uint64_t wait = started - stamp if started > stamp else 0
+    cdef uint64_t run = ended - started if ended > started else 0
+    t.wait[ke_bucket(wait, NBUCKETS)] += 1
+    t.wait_sum += wait
+    t.run[ke_bucket(run, NBUCKETS)] += 1
+    t.run_sum += run
+
+
+cdef tuple _timing_tuple(Timing *t):
+    """(every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
+    return (t.every, tuple([t.wait[i] for i in range(NBUCKETS)]), t.wait_sum,
+            tuple([t.run[i] for i in range(NBUCKETS)]), t.run_sum)
 
 
 cdef inline void _heap_sift_down(HotEntry *heap, Py_ssize_t size, Py_ssize_t i) noexcept nogil:

@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
+try:
+    from keyedexec import _core
+except ImportError:  # pragma: no cover - exercised only without a build
+    _core = None  # type: ignore[assignment]
+
 from keyedexec import AsyncKeyedExecutor
+from keyedexec.aio import _PyCore
 from keyedexec._timings import BUCKETS, Histogram, Recorder, bucket_of, hot_keys
 
 pytestmark = pytest.mark.timeout(60)
@@ -352,42 +358,76 @@ def test_taskpool_logs_a_slow_job(impl: Any, caplog: pytest.LogCaptureFixture) -
 # -- AsyncKeyedExecutor ------------------------------------------------------------------
 
 
-def test_async_executor_times_every_job_and_reports_hot_keys() -> None:
+@pytest.fixture(params=["native", "pure"])
+def aio_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """AsyncKeyedExecutor on each of its cores (keyedexec._core.AsyncCore, aio._PyCore)."""
+    if request.param == "native":
+        core = getattr(_core, "AsyncCore", None) if _core is not None else None
+        if core is None:
+            pytest.skip("keyedexec._core is not built")
+    else:
+        core = _PyCore
+    monkeypatch.setattr(AsyncKeyedExecutor, "_Core", core)
+    return core
+
+
+def test_async_executor_times_jobs_and_reports_hot_keys(aio_core: Any) -> None:
     async def main() -> None:
-        async with AsyncKeyedExecutor(concurrency=1) as ex:
+        async with AsyncKeyedExecutor(concurrency=1, sample_timings=1) as ex:
             gate = asyncio.Event()
             blocker = ex.submit("b", gate.wait)
             await asyncio.sleep(0)
             jobs = [ex.submit(k, asyncio.sleep, 0) for k in ["hot"] * 3 + ["cold"]]
+            ex.submit("fast", _return)  # never suspends: the core's fast path
             await asyncio.sleep(0.05)
             assert [(k.key, k.queued, k.running) for k in ex.hot_keys()] == [
-                ("hot", 3, False), ("cold", 1, False), ("b", 0, True)
+                ("hot", 3, False), ("cold", 1, False), ("fast", 1, False), ("b", 0, True)
             ]
             oldest = ex.hot_keys(1)[0].oldest_wait
             assert oldest is not None and oldest >= 0.05
             gate.set()
             await asyncio.wait_for(asyncio.gather(blocker, *jobs), T)
-            failing = ex.submit("x", _raise)
-            with pytest.raises(ValueError):
-                await asyncio.wait_for(failing, T)
+            for failing in (ex.submit("x", _raise), ex.submit("x", _raise_at_once)):
+                with pytest.raises(ValueError):
+                    await asyncio.wait_for(failing, T)
+            ex.submit("never", asyncio.sleep, 1).cancel()
         t = ex.timings()
         assert t.sample_every == 1
-        assert t.run.count == t.wait.count == ex.metrics().completed == 6
-        assert over(t.run, 0.05) >= 1 and over(t.wait, 0.05) >= 4
+        assert t.run.count == t.wait.count == ex.metrics().completed == 8
+        assert over(t.run, 0.05) >= 1 and over(t.wait, 0.05) >= 5
 
     asyncio.run(main())
 
 
+async def _return() -> int:
+    return 1
+
+
 async def _raise() -> None:
+    await asyncio.sleep(0)
     raise ValueError("job failed")
 
 
-def test_async_executor_logs_a_slow_job(caplog: pytest.LogCaptureFixture) -> None:
+def _raise_at_once() -> Any:
+    raise ValueError("the call failed")
+
+
+def test_async_executor_times_one_job_in_32_by_default(aio_core: Any) -> None:
+    async def main() -> None:
+        async with AsyncKeyedExecutor() as ex:
+            await asyncio.gather(*(ex.submit(i % 10, _return) for i in range(500)))
+        t = ex.timings()
+        assert t.sample_every == 32 and t.run.count == len(timed_among(range(500), 32))
+
+    asyncio.run(main())
+
+
+def test_async_executor_logs_a_slow_job(aio_core: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="keyedexec")
 
     async def main() -> None:
         async with AsyncKeyedExecutor(slow_task_threshold=0.03) as ex:
-            await asyncio.wait_for(ex.submit("slow-job", asyncio.sleep, 0.15), T)
+            await asyncio.wait_for(ex.submit("slow-job", asyncio.sleep, 0.2), T)
             await asyncio.wait_for(ex.submit("quick", asyncio.sleep, 0), T)
 
     asyncio.run(main())
