@@ -71,6 +71,8 @@ cdef class AsyncCore:
     cdef public Py_ssize_t running, pending
     cdef public unsigned long long submitted, completed, failed, cancelled
     cdef Timing timing
+    cdef uint64_t coarse_ns         # the coarse clock's last reading, and as an int:
+    cdef object coarse_stamp        # the stamp of untimed jobs until it moves (no int each)
 
     def __init__(self, owner, int concurrency, int batch, uint32_t sample_timings=32):
         if _aio_job_var is None:   # first use: take what keyedexec.aio shares with the core
@@ -85,6 +87,7 @@ cdef class AsyncCore:
         self.ready = _aio_deque()
         self.runners = set()
         _timing_init(&self.timing, sample_timings)
+        self.coarse_stamp = 0
 
     @staticmethod
     def _setup(job_var, as_coroutine, not_callable, str closed, yield_, stop):
@@ -125,7 +128,8 @@ cdef class AsyncCore:
 
     cpdef push(self, key, fn, args, kwargs, fut, ctx):
         cdef AioKey ks
-        cdef uint64_t stamp = 0
+        cdef uint64_t now
+        cdef object stamp = 0
         cdef bint timed = False
         if not PyCallable_Check(fn):
             raise TypeError(_aio_not_callable(fn))
@@ -137,7 +141,14 @@ cdef class AsyncCore:
             raise RuntimeError(_aio_closed)
         if self.timing.every:
             timed = _timing_take(&self.timing)
-            stamp = ke_now_ns() if timed else ke_coarse_ns()
+            if timed:
+                stamp = ke_now_ns()
+            else:
+                now = ke_coarse_ns()
+                if now != self.coarse_ns:
+                    self.coarse_ns = now
+                    self.coarse_stamp = now
+                stamp = self.coarse_stamp
         job = (fn, args, kwargs, fut, ctx, stamp, timed)
         if found is None:
             ks = AioKey(key)
