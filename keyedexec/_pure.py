@@ -333,9 +333,9 @@ class Scheduler:
             if idle_key:  # an empty ready key is harmless: a worker frees it
                 target.ready = True
                 self._ready.append(target)
-            if self._timing.sample_every:  # the submit time: now, after any wait for space
-                kind = task[4] | K_TIMED if self._timing.take() else task[4]
-                task = (task[0], task[1], task[2], task[3], kind, monotonic_ns())
+            # The submit time (for hot_keys too): now, after any wait for space.
+            kind = task[4] | K_TIMED if self._timing.take() else task[4]
+            task = (task[0], task[1], task[2], task[3], kind, monotonic_ns())
             self._pending += 1
             self._submitted += 1
             receipt.extend((target, task))

@@ -75,8 +75,7 @@ class HotKey(NamedTuple):
     """Whether one of its tasks runs now."""
     oldest_wait: float | None
     """Seconds its oldest queued task has waited so far (to a few ms: the
-    coarse clock stamps untimed tasks); None if nothing is queued, or timing
-    is off (``sample_every=0``)."""
+    coarse clock stamps untimed tasks); None if nothing is queued."""
 
 
 def timings_from(raw: tuple[int, tuple[int, ...], int, tuple[int, ...], int]) -> Timings:

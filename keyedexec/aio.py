@@ -82,7 +82,7 @@ R = TypeVar("R")
 P = ParamSpec("P")
 
 # (coro_fn, args, kwargs, future or None, the submitter's context,
-#  submit time in ns (0: timing off; the coarse clock unless timed), timed)
+#  submit time in ns (the coarse clock unless timed), timed)
 _Job = tuple[
     Callable[..., Awaitable[Any]],
     tuple[Any, ...],
@@ -337,7 +337,7 @@ class _PyCore:
         if self.closed:
             raise RuntimeError(_CLOSED)
         timed = self.timing.take()
-        job = (fn, args, kwargs, fut, ctx, monotonic_ns() if self.timing.sample_every else 0, timed)
+        job = (fn, args, kwargs, fut, ctx, monotonic_ns(), timed)
         if ks is None:
             ks = _KeyState(key)
             self.keys[key] = ks

@@ -139,16 +139,15 @@ cdef class AsyncCore:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         if self.closed:
             raise RuntimeError(_aio_closed)
-        if self.timing.every:
-            timed = _timing_take(&self.timing)
-            if timed:
-                stamp = ke_now_ns()
-            else:
-                now = ke_coarse_ns()
-                if now != self.coarse_ns:
-                    self.coarse_ns = now
-                    self.coarse_stamp = now
-                stamp = self.coarse_stamp
+        if self.timing.every and _timing_take(&self.timing):
+            timed = True
+            stamp = ke_now_ns()
+        else:
+            now = ke_coarse_ns()   # for hot_keys
+            if now != self.coarse_ns:
+                self.coarse_ns = now
+                self.coarse_stamp = now
+            stamp = self.coarse_stamp
         job = (fn, args, kwargs, fut, ctx, stamp, timed)
         if found is None:
             ks = AioKey(key)

@@ -185,7 +185,7 @@ ctypedef struct Task:
     PyObject *kwargs    # NULL when there are none
     PyObject *fut       # NULL unless K_FUTURE
     int kind
-    uint64_t stamp      # submit time (ns; the coarse clock unless K_TIMED), 0: not stamped
+    uint64_t stamp      # submit time (ns; the coarse clock unless K_TIMED)
 
 
 # One key with queued or running work. The ring starts as the inline slot, so
@@ -207,7 +207,7 @@ ctypedef struct KeyState:
 
 # Wait and run time histograms, and which tasks to time (Scheduler, AsyncCore).
 ctypedef struct Timing:
-    uint32_t every          # 1 task in every is timed; 0: none, and no stamps
+    uint32_t every          # 1 task in every is timed; 0: none
     uint64_t countdown      # accepted tasks until the next timed one
     uint64_t rng            # xorshift64 state: the gaps between timed tasks
     uint64_t wait[NBUCKETS]
@@ -657,8 +657,7 @@ cdef class Scheduler:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         deadline = None
         while True:
-            if self.timing.every:
-                stamp = ke_coarse_ns()   # read unlocked; a timed task reads the precise clock
+            stamp = ke_coarse_ns()   # for hot_keys; read unlocked; a timed task's is precise
             ks = self._locate(key, h)   # the mutex is held from here
             if self.closing:
                 refused = 1

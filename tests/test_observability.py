@@ -155,7 +155,8 @@ def test_sample_timings_0_turns_timing_off(h: Any) -> None:
     gate, blocker = h.block(ex, "k")
     ex.execute("k", noop)
     [hot] = ex.hot_keys()
-    assert (hot.key, hot.queued, hot.running, hot.oldest_wait) == ("k", 1, True, None)
+    assert (hot.key, hot.queued, hot.running) == ("k", 1, True)
+    assert hot.oldest_wait is not None  # hot_keys' stamps do not depend on timing
     gate.set()
     blocker.result(T)
     assert wait_until(lambda: ex.metrics().completed == 2)
