@@ -3,7 +3,8 @@
 * Timing: the ``execute`` load (no-op tasks, 1,000 keys, 4 workers) with
   ``sample_timings=0`` (off), the default (1 task in 32 timed) and 1 (every
   task), their rounds interleaved so that the machine's load hits them alike;
-  each figure is tasks / median round time.
+  each figure is tasks / median round time (the fastest round is in the
+  JSON too). All three stamp every task for hot_keys (not switchable).
 * hot_keys(10) with 1,000,000 active keys (a task queued on each, the one
   worker held): the median call, and the longest the scan held the core's
   mutex in one go (what a worker may wait for it), as the core measures it.
@@ -49,7 +50,7 @@ def test_timing_cost(benchmark: Any) -> None:
     """The execute load, timing off / default / every task, rounds interleaved."""
     n = SIZES.tasks
     keys = keys_for("uniform", n)
-    rounds = 3 * SIZES.rounds
+    rounds = 8 * SIZES.rounds  # a 5 % effect needs many rounds on a shared machine
     times: dict[str, list[float]] = {s: [] for s in TIMED}
 
     def run() -> None:
@@ -63,7 +64,7 @@ def test_timing_cost(benchmark: Any) -> None:
         record(scenario, "native", n / median, "tasks/s",
                baseline=("execute-untimed", "native"),
                extra={"tasks": n, "rounds": rounds, "median_s": median,
-                      "sample_timings": every})
+                      "fastest_s": min(times[scenario]), "sample_timings": every})
 
 
 @pytest.mark.benchmark(group="observability: hot_keys(10), 1,000,000 active keys")
