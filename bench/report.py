@@ -45,6 +45,11 @@ SCENARIOS: dict[str, str] = {
     "process-submit": "processes: no-op submit + result()",
     "process-rss": "processes: RSS per idle child",
     "process-bytes": "processes: bytes / queued task",
+    "execute-untimed": "execute, timing off (sample_timings=0)",
+    "execute-timed": "execute, timing on (default: 1 in 32)",
+    "execute-timed-all": "execute, every task timed",
+    "hot-keys": "hot_keys(10), 1,000,000 active keys",
+    "hot-keys-hold": "  ... longest hold of the mutex",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -132,6 +137,10 @@ GOALS: list[Goal] = [
     Goal("process-cpu", "process", ">= 1.8 x threaded", 1.8, ("process-cpu", "native")),
     Goal("process-cpu", "process", ">= 1.0 x PPE", 1.0, ("process-cpu", "ppe")),
     Goal("process-submit", "process", ">= 5 x PPE.submit", 5, ("process-submit", "ppe")),
+    Goal("execute-timed", "native", "costs <= 5 %: >= 0.95 x off", 0.95,
+         ("execute-untimed", "native")),
+    Goal("hot-keys", "native", "<= 50 ms", 50_000, None, False),
+    Goal("hot-keys-hold", "native", "<= 1 ms", 1_000, None, False),
 ]
 
 

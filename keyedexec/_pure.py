@@ -21,14 +21,17 @@ critical section: each submit's state change is undone if it did not complete
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections import deque
-from time import monotonic
+from time import monotonic, monotonic_ns
 from typing import Any, Callable
 
+from . import _watchdog
 from ._future import KeyedFuture
 from ._lifecycle import cancel_orphans, register
 from ._report import report_failure
+from ._timings import Recorder
 from .context import Context
 from .errors import BrokenThreadPool, QueueFull
 
@@ -38,6 +41,7 @@ __all__ = ["Scheduler"]
 K_FUTURE = 1
 K_ERRVAL = 2
 K_CTX = 4
+K_TIMED = 8  # a sampled task: its wait and run times go into the histograms
 
 OPEN, CLOSED_SHUTDOWN, CLOSED_EXIT, CLOSED_FORK, CLOSED_BROKEN = range(5)
 T_OK, T_RAISED, T_SKIPPED = 1, 2, 3
@@ -70,8 +74,19 @@ def _broken() -> BrokenThreadPool:
 _ALL = object()
 _get_ident = threading.get_ident
 
-# (fn, args or the context, kwargs or None, future or None, kind)
-Task = tuple[Any, Any, "dict[str, Any] | None", "KeyedFuture[Any] | None", int]
+# (fn, args or the context, kwargs or None, future or None, kind, submit time in ns or 0)
+Task = tuple[Any, Any, "dict[str, Any] | None", "KeyedFuture[Any] | None", int, int]
+
+
+class _WorkerSlot:
+    """A worker as the slow-task watchdog sees it (the native core's WorkerSlot)."""
+
+    __slots__ = ("ks", "seq", "seen_seq", "seen_at", "reported")
+
+    def __init__(self) -> None:
+        self.ks: _KeyState | None = None  # the key whose task it runs
+        self.seq = self.seen_seq = self.seen_at = 0
+        self.reported = False
 
 
 class _KeyState:
@@ -126,6 +141,8 @@ class Scheduler:
         thread_name_prefix: str = "",
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        sample_timings: int = 32,
+        slow_task_threshold: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -162,7 +179,11 @@ class Scheduler:
         self._exited = threading.Condition()  # its own (reentrant) lock: see _spawn
         self._spawned = 0
         self._joining = 0  # worker threads whose task waits in join(); under _exited
+        self._timing = Recorder(sample_timings)  # under _lock
+        self._slots: list[_WorkerSlot] = []  # the running workers, under _lock
         register(self)
+        if slow_task_threshold is not None:
+            _watchdog.start(self, slow_task_threshold)
 
     # -- submission ---------------------------------------------------------------
 
@@ -194,7 +215,7 @@ class Scheduler:
                 raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         # What the critical section needs is allocated before it: fewer
         # allocations under the lock, fewer collections (and finalizers) there.
-        task: Task = (fn, args, kwargs, fut, kind)
+        task: Task = (fn, args, kwargs, fut, kind, 0)  # stamped when accepted (_commit)
         if self._lock._is_owned():  # type: ignore[attr-defined]
             # A finalizer, on a thread inside the critical section: defer.
             if self._closing:
@@ -202,14 +223,14 @@ class Scheduler:
             self._defer((key, task))
             return True
         deadline = None if timeout is None else monotonic() + timeout
-        receipt: list[_KeyState] = []
+        receipt: list[Any] = []  # (the key's state, the task as queued) once committed
         try:
             return self._enqueue(key, task, block, deadline, late, receipt)
         except BaseException:
             # A signal handler may raise anywhere, also once the task is
             # queued: a submit that raises must have queued nothing.
             if receipt:
-                self._withdraw(receipt[0], task)
+                self._withdraw(receipt[0], receipt[1])
             raise
 
     def _enqueue(
@@ -219,7 +240,7 @@ class Scheduler:
         block: bool,
         deadline: float | None,
         late: bool,
-        receipt: list[_KeyState],
+        receipt: list[Any],
     ) -> bool:
         """_push once the arguments are checked (see there)."""
         fut = task[3]
@@ -300,7 +321,7 @@ class Scheduler:
         return True
 
     def _commit(
-        self, key: Any, ks: _KeyState | None, fresh: _KeyState, task: Task, receipt: list[_KeyState]
+        self, key: Any, ks: _KeyState | None, fresh: _KeyState, task: Task, receipt: list[Any]
     ) -> None:
         saved = self._pending, self._submitted, self._wakeups
         new = ks is None
@@ -312,9 +333,12 @@ class Scheduler:
             if idle_key:  # an empty ready key is harmless: a worker frees it
                 target.ready = True
                 self._ready.append(target)
+            # The submit time (for hot_keys too): now, after any wait for space.
+            kind = task[4] | K_TIMED if self._timing.take() else task[4]
+            task = (task[0], task[1], task[2], task[3], kind, monotonic_ns())
             self._pending += 1
             self._submitted += 1
-            receipt.append(target)
+            receipt.extend((target, task))
             target.tasks.append(task)  # the commit point
             if idle_key and self._idle > self._wakeups:
                 self._wakeups += 1
@@ -366,7 +390,7 @@ class Scheduler:
                     self._close(item)
                     continue
                 key, task = item
-                fn, args, kwargs, fut, kind = task
+                fn, args, kwargs, fut, kind, _stamp = task
                 try:
                     self._push(key, fn, args, kwargs, fut, kind, False, None, late=True)
                 except BaseException as exc:  # e.g. its key's __eq__ raised
@@ -507,10 +531,16 @@ class Scheduler:
         dead: _KeyState | None = None
         served = status = 0
         fresh = True
+        slot = _WorkerSlot()
+        stamp = started = ended = -1  # a timed task's submit, start and end (ns)
         lock.acquire()
+        self._slots.append(slot)
         try:
             while True:
                 if status:
+                    slot.ks = None
+                    if stamp >= 0 and status != T_SKIPPED:
+                        self._timing.record(stamp, started, ended)
                     ks.current = None  # type: ignore[union-attr]
                     self._running -= 1
                     if status == T_SKIPPED:
@@ -525,6 +555,9 @@ class Scheduler:
                         task = ks.tasks.popleft()
                         fresh = False
                         ks.current = task[3]
+                        slot.ks = ks
+                        slot.seq += 1
+                        stamp = task[5] if task[4] & K_TIMED else -1
                         self._pending -= 1
                         self._running += 1
                         served += 1
@@ -534,7 +567,11 @@ class Scheduler:
                         if self._deferred:
                             self._after_unlock()
                         dead = None  # released outside the lock: __del__ may submit
+                        if stamp >= 0:
+                            started = monotonic_ns()
                         status = self._run(ks.key, task)
+                        if stamp >= 0:
+                            ended = monotonic_ns()
                         del task
                         lock.acquire()
                         continue
@@ -576,6 +613,8 @@ class Scheduler:
                 if not woke and not self._ready and not self._closing:
                     break  # idle for idle_timeout seconds: give the thread back
             self._nthreads -= 1
+            if slot in self._slots:  # (not after a fork)
+                self._slots.remove(slot)
         finally:
             lock.release()
             self._after_unlock()
@@ -619,7 +658,7 @@ class Scheduler:
             report_failure(f"keyedexec could not fail the tasks of {self.name!r}", exc)
 
     def _run(self, key: Any, task: Task) -> int:
-        fn, args, kwargs, fut, kind = task
+        fn, args, kwargs, fut, kind, _stamp = task
         try:
             if fut is not None and not fut.set_running_or_notify_cancel():
                 return T_SKIPPED
@@ -797,6 +836,61 @@ class Scheduler:
             self._after_unlock()
         return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
+    def timings(self) -> tuple[int, tuple[int, ...], int, tuple[int, ...], int]:
+        """(sample_every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
+        try:
+            with self._lock:
+                return self._timing.raw()
+        finally:
+            self._after_unlock()
+
+    def hot_keys(self, n: int) -> tuple[list[tuple[Any, int, bool, int | None]], int]:
+        """The ``n`` keys with the most queued tasks (ties: running first), and
+        how long the lock was held (ns): see the native core. The reference
+        model scans every key in one hold of the lock."""
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        try:
+            with self._lock:
+                t0 = monotonic_ns()
+                best = heapq.nlargest(
+                    n,
+                    (ks for ks in self._keys.values() if ks.tasks or ks.runner),
+                    key=lambda ks: 2 * len(ks.tasks) + (ks.runner != 0),
+                )
+                entries = [
+                    (ks.key, len(ks.tasks), ks.runner != 0,
+                     ks.tasks[0][5] if ks.tasks and ks.tasks[0][5] else None)
+                    for ks in best
+                ]
+                held = monotonic_ns() - t0
+        finally:
+            self._after_unlock()
+        now = monotonic_ns()
+        return [(k, q, r, None if s is None else max(0, now - s)) for k, q, r, s in entries], held
+
+    def _slow_tasks(self, threshold_ns: int) -> list[tuple[Any, int]]:
+        """(the watchdog) [(key, ns it has run at least)]: see the native core."""
+        now = monotonic_ns()
+        out = []
+        try:
+            with self._lock:
+                for slot in self._slots:
+                    if slot.ks is None:
+                        continue
+                    if slot.seq != slot.seen_seq:
+                        slot.seen_seq, slot.seen_at, slot.reported = slot.seq, now, False
+                    elif not slot.reported and now - slot.seen_at >= threshold_ns:
+                        slot.reported = True
+                        out.append((slot.ks.key, now - slot.seen_at))
+        finally:
+            self._after_unlock()
+        return out
+
+    def _watch_done(self) -> bool:
+        """(the watchdog) True once closed and every worker has exited."""
+        return self._closing != OPEN and self._nthreads == 0
+
     def key_pending(self, key: Any) -> int:
         """Queued (not running) tasks of ``key``."""
         try:
@@ -854,6 +948,7 @@ class Scheduler:
         self._nthreads = 1 if survivor else 0
         self._threads = [me] if survivor else []
         self._deferred, self._draining = {}, set()
+        self._slots = []  # the parent's workers: not running here
         self.cancel_queued()
         # The tasks the parent's other workers were running never end here:
         # counted as cancelled, their futures cancelled (the native core's

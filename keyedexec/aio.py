@@ -49,6 +49,7 @@ import threading
 import types
 import weakref
 from collections import deque
+from time import monotonic_ns
 from typing import (
     Any,
     AsyncGenerator,
@@ -61,23 +62,35 @@ from typing import (
     TypeVar,
 )
 
-from . import _impl
-from ._report import log_task_error, report_failure
+from . import _impl, _watchdog
+from ._report import log_task_error, logger, report_failure
+from ._timings import HotKey, Recorder, Timings, check_n, hot_keys, timings_from
 from ._typevars import K
-from .executor import ErrorHandler, Metrics, Stats, _check_count
+from .executor import (
+    _UINT32_MAX,
+    DEFAULT_SAMPLE_TIMINGS,
+    ErrorHandler,
+    Metrics,
+    Stats,
+    _check_count,
+    _check_threshold,
+)
 
 __all__ = ["AsyncKeyedExecutor"]
 
 R = TypeVar("R")
 P = ParamSpec("P")
 
-# (coro_fn, args, kwargs, future or None, the submitter's context)
+# (coro_fn, args, kwargs, future or None, the submitter's context,
+#  submit time in ns (the coarse clock unless timed), timed)
 _Job = tuple[
     Callable[..., Awaitable[Any]],
     tuple[Any, ...],
     "dict[str, Any]",
     "asyncio.Future[Any] | None",
     contextvars.Context,
+    int,
+    bool,
 ]
 
 # _KeyState.serving
@@ -229,9 +242,11 @@ async def _await(aw: Awaitable[Any]) -> Any:
 class _State:
     """A runner's place in the work: the key it serves and the job it runs."""
 
-    __slots__ = ("drive", "job", "ks", "served", "stops", "unyielded")
+    __slots__ = ("drive", "job", "ks", "seq", "served", "started", "stops", "unyielded")
 
     def __init__(self) -> None:
+        self.seq = 0  # jobs started (the slow-job check)
+        self.started = 0  # a timed job's start (ns)
         self.ks: _KeyState | None = None
         self.served = 0  # jobs of ks run in this turn (batch)
         self.unyielded = 0  # jobs run since the runner last let the loop run
@@ -250,8 +265,12 @@ class _PyCore:
     the facade keeps everything else (suspended jobs, cancellation, shutdown).
     ``owner`` is a weak reference to the facade (no reference cycle)."""
 
-    def __init__(self, owner: Callable[[], Any], concurrency: int, batch: int) -> None:
+    def __init__(
+        self, owner: Callable[[], Any], concurrency: int, batch: int,
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
+    ) -> None:
         self.owner = owner
+        self.timing = Recorder(sample_timings)
         self.concurrency = concurrency
         self.batch = batch
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -265,6 +284,15 @@ class _PyCore:
     @staticmethod
     def new_state() -> _State:
         return _State()
+
+    def timings(self) -> tuple[int, tuple[int, ...], int, tuple[int, ...], int]:
+        return self.timing.raw()
+
+    def record(self, stamp: int, started: int, ended: int) -> None:
+        """A timed job that suspended has ended (returned or raised)."""
+        self.timing.record(stamp, started, ended)
+
+    now_ns = staticmethod(monotonic_ns)  # the clock of the jobs' stamps
 
     def _fast_methods(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
         return self.submit, self.execute
@@ -308,17 +336,19 @@ class _PyCore:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         if self.closed:
             raise RuntimeError(_CLOSED)
+        timed = self.timing.take()
+        job = (fn, args, kwargs, fut, ctx, monotonic_ns(), timed)
         if ks is None:
             ks = _KeyState(key)
             self.keys[key] = ks
             self.ready.append(ks)
-            ks.jobs.append((fn, args, kwargs, fut, ctx))
+            ks.jobs.append(job)
             self.pending += 1
             self.submitted += 1
             if len(self.runners) < self.concurrency:
                 self.owner()._spawn()
             return
-        ks.jobs.append((fn, args, kwargs, fut, ctx))
+        ks.jobs.append(job)
         self.pending += 1
         self.submitted += 1
 
@@ -358,12 +388,15 @@ class _PyCore:
             st.served += 1
             job = jobs.popleft()
             self.pending -= 1
-            fn, args, kwargs, fut, ctx = job
+            fn, args, kwargs, fut, ctx, stamp, timed = job
             if fut is not None and fut.done():  # cancelled before its turn
                 self.cancelled += 1
                 continue
             self.running += 1
             st.job = job
+            st.seq += 1
+            if timed:
+                st.started = monotonic_ns()
             try:
                 coro, step = ctx.run(_start, job, fn, args, kwargs)
             except StopIteration as stop:  # done without suspending: the fast path
@@ -371,6 +404,8 @@ class _PyCore:
                 self.running -= 1
                 st.job = None
                 self.completed += 1
+                if timed:
+                    self.timing.record(stamp, st.started, monotonic_ns())
                 if fut is not None and not fut.done():
                     fut.set_result(stop.value)
                 continue
@@ -378,6 +413,8 @@ class _PyCore:
                 st.unyielded += 1
                 self.running -= 1
                 st.job = None
+                if timed and not isinstance(exc, _CancelledError):
+                    self.timing.record(stamp, st.started, monotonic_ns())
                 self.owner()._failed_or_cancelled(ks.key, fut, exc)
                 del exc
                 continue
@@ -435,6 +472,12 @@ class AsyncKeyedExecutor(Generic[K]):
     and also propagate out of the loop, as asyncio does for tasks); the key's
     later jobs still run.
 
+    :meth:`timings`, :meth:`hot_keys`, ``sample_timings`` and
+    ``slow_task_threshold``: as for :class:`~keyedexec.KeyedExecutor`. A job's
+    run time includes the time it awaits. Slow jobs are looked for from a loop
+    callback, scheduled only while runners exist: a job that blocks the loop
+    cannot be seen while it does (asyncio's debug mode reports those).
+
     Shut it down with ``async with``, :meth:`aclose` or :meth:`shutdown`. If
     the loop ends first (``asyncio.run`` or ``asyncio.Runner`` cleaning up),
     running jobs are cancelled with it, queued ones are cancelled without
@@ -451,9 +494,18 @@ class AsyncKeyedExecutor(Generic[K]):
         on_error: ErrorHandler | None = None,
         batch: int = 64,
         name: str = "keyedexec-aio",
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
+        slow_task_threshold: float | None = None,
     ) -> None:
         self._concurrency = _check_count("concurrency", concurrency)
         self._batch = _check_count("batch", batch)
+        _check_count("sample_timings", sample_timings, minimum=0, maximum=_UINT32_MAX)
+        self._slow_threshold = _check_threshold("slow_task_threshold", slow_task_threshold)
+        self._slow_check: asyncio.TimerHandle | None = None
+        # Per runner: (jobs started when last looked at, first seen then (ns), logged)
+        self._slow_seen: weakref.WeakKeyDictionary[Any, tuple[int, int, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         if not isinstance(name, str):
@@ -461,7 +513,9 @@ class AsyncKeyedExecutor(Generic[K]):
         self._on_error: ErrorHandler = on_error or log_task_error
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
-        core = self._core = self._Core(weakref.ref(self), self._concurrency, self._batch)
+        core = self._core = self._Core(
+            weakref.ref(self), self._concurrency, self._batch, sample_timings
+        )
         # The hot paths, bound straight to the core: no Python frame in between.
         self.submit, self.execute = core._fast_methods()  # type: ignore[method-assign]
         self._keys: dict[Any, _KeyState] = core.keys
@@ -607,6 +661,37 @@ class AsyncKeyedExecutor(Generic[K]):
         )
         self._runners.add(task)
         task.add_done_callback(self._runner_gone)  # also if cancelled before it started
+        if self._slow_threshold is not None and self._slow_check is None:
+            self._slow_check = self._loop.call_later(
+                _watchdog.period_for(self._slow_threshold), self._check_slow
+            )
+
+    def _check_slow(self) -> None:
+        # On the loop, while runners exist: log each job running over the
+        # threshold, once (the threaded watchdog's rule: no clock read per job).
+        self._slow_check = None
+        threshold = self._slow_threshold
+        assert threshold is not None and self._loop is not None
+        now = monotonic_ns()
+        for runner in list(self._runners):
+            st = runner.state
+            job, ks = st.job, st.ks
+            if job is None or ks is None:
+                continue
+            seq, seen_at, logged = self._slow_seen.get(runner, (-1, now, False))
+            if st.seq != seq:
+                self._slow_seen[runner] = (st.seq, now, False)
+            elif not logged and now - seen_at >= threshold * 1e9:
+                self._slow_seen[runner] = (seq, seen_at, True)
+                logger.warning(
+                    "%s: a job of key %s has been running for more than %.3f s "
+                    "(slow_task_threshold=%g s)",
+                    self._name, _watchdog.short_repr(ks.key), (now - seen_at) / 1e9, threshold,
+                )
+        if self._runners and not self._loop.is_closed():
+            self._slow_check = self._loop.call_later(
+                _watchdog.period_for(threshold), self._check_slow
+            )
 
     async def _serve(self) -> None:
         me = asyncio.current_task()
@@ -643,6 +728,7 @@ class AsyncKeyedExecutor(Generic[K]):
         """The rest of a job that suspended at its first step."""
         core = self._core
         ks: _KeyState = st.ks
+        job: _Job = st.job
         drive = st.drive = _Drive(coro, ctx, step)
         if fut is not None:
             fut.add_done_callback(drive.future_done)
@@ -651,8 +737,12 @@ class AsyncKeyedExecutor(Generic[K]):
         except GeneratorExit:
             raise  # the runner is closed with its loop
         except BaseException as exc:
+            if job[6] and not isinstance(exc, _CancelledError):
+                core.record(job[5], st.started, core.now_ns())
             self._failed_or_cancelled(ks.key, fut, exc)
         else:
+            if job[6]:
+                core.record(job[5], st.started, core.now_ns())
             core.completed += 1
             if fut is not None and not fut.done():
                 fut.set_result(result)
@@ -813,6 +903,9 @@ class AsyncKeyedExecutor(Generic[K]):
         for runner in list(self._runners):
             if runner.state.drive is not None:
                 runner.state.drive.cancel_job()  # started after asyncio.run cancelled the tasks it knew
+        if self._slow_check is not None:
+            self._slow_check.cancel()
+            self._slow_check = None
 
     def _forsake_threads(self) -> None:
         # Cancel submit_threadsafe's pending futures; refuse any more.
@@ -860,6 +953,34 @@ class AsyncKeyedExecutor(Generic[K]):
             self._core.failed,
             self._core.cancelled,
         )
+
+    def timings(self) -> Timings:
+        """Wait (submit -> start) and run (start -> end, awaits included) time
+        histograms of the timed jobs that ran: see ``sample_timings``."""
+        return timings_from(self._core.timings())
+
+    def hot_keys(self, n: int = 10) -> list[HotKey]:
+        """The ``n`` keys with the most queued jobs (see ``KeyedExecutor.hot_keys``).
+        Exact when called on the loop; from another thread (a metrics scrape)
+        each key's figures are read while the loop may change them."""
+        n = check_n(n)
+        now = self._core.now_ns()
+        entries = []
+        for ks in list(self._keys.values()):
+            jobs = ks.jobs
+            try:
+                stamp = jobs[0][5] if jobs else 0
+            except IndexError:  # emptied meanwhile, by the loop's thread
+                stamp = 0
+            running = ks.serving == _SERVED
+            if jobs or running:
+                entries.append((ks.key, len(jobs), running, max(0, now - stamp) if stamp else None))
+        return hot_keys(entries, n)
+
+    @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (runner tasks, logs, exporters)."""
+        return self._name
 
     @property
     def concurrency(self) -> int:

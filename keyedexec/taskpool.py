@@ -16,6 +16,7 @@ as KeyedExecutor. What it fixes in the Go original:
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any, Callable, Generic, NamedTuple, Protocol
@@ -23,10 +24,19 @@ from typing import Any, Callable, Generic, NamedTuple, Protocol
 from . import _impl
 from . import _lifecycle  # noqa: F401  (registers its exit hook before ours: see below)
 from ._report import log_task_error
+from ._timings import HotKey, Recorder, Timings, check_n, hot_keys, timings_from
 from ._typevars import K
 from .context import Context, background
 from .errors import QueueFull
-from .executor import _UINT32_MAX, _check_count, _check_name, _check_timeout, default_workers
+from .executor import (
+    _UINT32_MAX,
+    DEFAULT_SAMPLE_TIMINGS,
+    _check_count,
+    _check_name,
+    _check_threshold,
+    _check_timeout,
+    default_workers,
+)
 
 __all__ = ["PoolMetrics", "TaskPool", "DEFAULT_IDLE_TIMEOUT"]
 
@@ -83,6 +93,9 @@ class TaskPool(Generic[K]):
     the threads (default ``min(32, cpus + 4)``); an idle thread exits after
     ``idle_timeout`` seconds (``math.inf``: never). Every job receives the
     pool's context, which ``stop()`` cancels, and so does interpreter exit.
+
+    ``sample_timings``, ``slow_task_threshold``, :meth:`timings` and
+    :meth:`hot_keys`: as for :class:`~keyedexec.KeyedExecutor`.
     """
 
     _Scheduler: Any = _impl.Scheduler
@@ -94,6 +107,8 @@ class TaskPool(Generic[K]):
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         name: str = "keyedexec-pool",
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
+        slow_task_threshold: float | None = None,
     ) -> None:
         self._queue_size = _check_count("queue_size", queue_size, maximum=_UINT32_MAX)
         self._max_workers = (
@@ -104,6 +119,10 @@ class TaskPool(Generic[K]):
         # None from here on: threads never retire (inf, or too long to wait for).
         self._idle_timeout = _check_timeout("idle_timeout", idle_timeout)
         self._name = _check_name(name)
+        self._sample_timings = _check_count(
+            "sample_timings", sample_timings, minimum=0, maximum=_UINT32_MAX
+        )
+        self._slow_task_threshold = _check_threshold("slow_task_threshold", slow_task_threshold)
         self._lock = threading.Lock()
         self._sched: Any = None
         self._ctx: Context | None = None
@@ -123,6 +142,8 @@ class TaskPool(Generic[K]):
                     idle_timeout=self._idle_timeout,
                     name=self._name,
                     on_error=log_task_error,
+                    sample_timings=self._sample_timings,
+                    slow_task_threshold=self._slow_task_threshold,
                 )
                 # Dropped without stop(): let the threads drain and exit.
                 weakref.finalize(self, self._sched.close)
@@ -210,6 +231,23 @@ class TaskPool(Generic[K]):
         return PoolMetrics(
             w, running, pending, keys, submitted, completed, failed, cancelled, cancelled
         )
+
+    def timings(self) -> Timings:
+        """Wait and run time histograms of the timed jobs (see ``KeyedExecutor.timings``)."""
+        sched = self._sched
+        raw = Recorder(self._sample_timings).raw() if sched is None else sched.timings()
+        return timings_from(raw)
+
+    def hot_keys(self, n: int = 10) -> list[HotKey]:
+        """The ``n`` keys with the most queued jobs (see ``KeyedExecutor.hot_keys``)."""
+        n = check_n(n)
+        sched = self._sched
+        return [] if sched is None else hot_keys(sched.hot_keys(min(n, sys.maxsize))[0], n)
+
+    @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (threads, logs, exporters)."""
+        return self._name
 
     @property
     def context(self) -> Context | None:

@@ -19,6 +19,7 @@ cdef extern from "Python.h":
         PYGEN_NEXT
     PySendResult PyIter_Send(PyObject *iter, PyObject *arg, PyObject **presult)
 
+from asyncio import CancelledError
 from asyncio import get_running_loop as _aio_get_running_loop
 from collections import deque as _aio_deque
 from types import CoroutineType as _aio_CoroutineType
@@ -38,7 +39,7 @@ cdef int _aio_raise_set_error() except -1:
 cdef class AioKey:
     """A key with queued or running jobs (aio._KeyState)."""
     cdef public object key
-    cdef public object jobs      # deque of jobs: (coro_fn, args, kwargs, future, context)
+    cdef public object jobs      # deque of jobs (aio._Job)
     cdef public int serving      # aio._QUEUED or aio._SERVED
 
     def __init__(self, key):
@@ -52,6 +53,7 @@ cdef class AioState:
     cdef public object ks
     cdef public int served, unyielded, stops
     cdef public object job, drive
+    cdef public unsigned long long seq, started   # jobs started; a timed job's start (ns)
 
     def __init__(self):
         self.ks = self.job = self.drive = None
@@ -68,8 +70,11 @@ cdef class AsyncCore:
     cdef public set runners
     cdef public Py_ssize_t running, pending
     cdef public unsigned long long submitted, completed, failed, cancelled
+    cdef Timing timing
+    cdef uint64_t coarse_ns         # the coarse clock's last reading, and as an int:
+    cdef object coarse_stamp        # the stamp of untimed jobs until it moves (no int each)
 
-    def __init__(self, owner, int concurrency, int batch):
+    def __init__(self, owner, int concurrency, int batch, uint32_t sample_timings=32):
         if _aio_job_var is None:   # first use: take what keyedexec.aio shares with the core
             from keyedexec import aio
             AsyncCore._setup(aio._current_job, aio._as_coroutine, aio._not_callable, aio._CLOSED,
@@ -81,6 +86,8 @@ cdef class AsyncCore:
         self.keys = {}
         self.ready = _aio_deque()
         self.runners = set()
+        _timing_init(&self.timing, sample_timings)
+        self.coarse_stamp = 0
 
     @staticmethod
     def _setup(job_var, as_coroutine, not_callable, str closed, yield_, stop):
@@ -106,8 +113,24 @@ cdef class AsyncCore:
             loop = self.owner()._bind()   # adopts the loop, or raises why not
         return loop
 
+    def timings(self):
+        """See Scheduler.timings."""
+        return _timing_tuple(&self.timing)
+
+    cpdef record(self, uint64_t stamp, uint64_t started, uint64_t ended):
+        """A timed job that suspended has ended (returned or raised)."""
+        _timing_record(&self.timing, stamp, started, ended)
+
+    @staticmethod
+    def now_ns():
+        """The clock of the jobs' stamps."""
+        return ke_now_ns()
+
     cpdef push(self, key, fn, args, kwargs, fut, ctx):
         cdef AioKey ks
+        cdef uint64_t now
+        cdef object stamp = 0
+        cdef bint timed = False
         if not PyCallable_Check(fn):
             raise TypeError(_aio_not_callable(fn))
         try:
@@ -116,7 +139,16 @@ cdef class AsyncCore:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         if self.closed:
             raise RuntimeError(_aio_closed)
-        job = (fn, args, kwargs, fut, ctx)
+        if self.timing.every and _timing_take(&self.timing):
+            timed = True
+            stamp = ke_now_ns()
+        else:
+            now = ke_coarse_ns()   # for hot_keys
+            if now != self.coarse_ns:
+                self.coarse_ns = now
+                self.coarse_stamp = now
+            stamp = self.coarse_stamp
+        job = (fn, args, kwargs, fut, ctx, stamp, timed)
         if found is None:
             ks = AioKey(key)
             self.keys[key] = ks
@@ -176,6 +208,9 @@ cdef class AsyncCore:
                 continue
             self.running += 1
             st.job = job
+            st.seq += 1
+            if job[6]:
+                st.started = ke_now_ns()
             ctx = job[4]
             coro = None
             try:
@@ -191,6 +226,8 @@ cdef class AsyncCore:
                 st.unyielded += 1
                 self.running -= 1
                 st.job = None
+                if job[6] and not isinstance(exc, CancelledError):
+                    _timing_record(&self.timing, job[5], st.started, ke_now_ns())
                 self.owner()._failed_or_cancelled(ks.key, fut, exc)
                 continue
             step = <object>res
@@ -204,6 +241,8 @@ cdef class AsyncCore:
             self.running -= 1
             st.job = None
             self.completed += 1
+            if job[6]:
+                _timing_record(&self.timing, job[5], st.started, ke_now_ns())
             if fut is not None and not fut.done():
                 fut.set_result(step)
 

@@ -39,7 +39,7 @@ from libc.string cimport memcpy, memset
 
 import threading
 
-from keyedexec import _future, _lifecycle
+from keyedexec import _future, _lifecycle, _watchdog
 from keyedexec._future import _SEALS, KeyedFuture
 from keyedexec._report import report_failure
 from keyedexec.context import Context
@@ -123,6 +123,12 @@ cdef extern from "blocks.h" nogil:
     void ke_unmap(void *p, size_t n)
 
 
+cdef extern from "clock.h" nogil:
+    uint64_t ke_now_ns()
+    uint64_t ke_coarse_ns()
+    int ke_bucket(uint64_t ns, int nbuckets)
+
+
 cdef inline void *_block_alloc(size_t n) noexcept:
     """For arrays that can grow large (key table, rings): see blocks.h."""
     return ke_map(n) if n >= KE_BIG_BLOCK else PyMem_Malloc(n)
@@ -142,6 +148,7 @@ cdef enum:
     K_FUTURE = 1   # complete Task.fut with the outcome
     K_ERRVAL = 2   # the future's *result* is the exception, or None (Go's <-chan error)
     K_CTX = 4      # call fn(ctx) with Task.args = ctx; skip it if ctx is cancelled by its turn
+    K_TIMED = 8    # a sampled task: its wait and run times go into the histograms
 
 # Where a key is (KeyState.flags).
 cdef enum:
@@ -166,6 +173,10 @@ cdef enum:
 DEF MIN_TABLE_BITS = 6
 DEF SPINS = 100
 DEF INLINE_COMPARED = 8   # _locate's keys compared unlocked, before it allocates
+DEF NBUCKETS = 28         # timing histograms: <= 1 us, <= 2 us, ... <= 2**26 us (67 s), +Inf
+DEF SCAN_SLOTS = 4096     # hot_keys: key-table slots scanned per hold of the mutex
+DEF SLOW_REPORTS = 16     # _slow_tasks: keys reported per call (the rest on the next)
+DEF SAMPLE_SEED = 0x9E3779B97F4A7C15   # keyedexec._timings.Recorder draws the same gaps
 
 
 ctypedef struct Task:
@@ -174,6 +185,7 @@ ctypedef struct Task:
     PyObject *kwargs    # NULL when there are none
     PyObject *fut       # NULL unless K_FUTURE
     int kind
+    uint64_t stamp      # submit time (ns; the coarse clock unless K_TIMED)
 
 
 # One key with queued or running work. The ring starts as the inline slot, so
@@ -191,6 +203,36 @@ ctypedef struct KeyState:
     uint64_t serial         # tells it from a later state at the same address (_locate)
     KeyState *next          # ready-queue link
     Task slot0
+
+
+# Wait and run time histograms, and which tasks to time (Scheduler, AsyncCore).
+ctypedef struct Timing:
+    uint32_t every          # 1 task in every is timed; 0: none
+    uint64_t countdown      # accepted tasks until the next timed one
+    uint64_t rng            # xorshift64 state: the gaps between timed tasks
+    uint64_t wait[NBUCKETS]
+    uint64_t run[NBUCKETS]
+    uint64_t wait_sum, run_sum
+
+
+# A worker thread, as the slow-task watchdog sees it (on the worker's stack,
+# linked into Scheduler.workers while it runs).
+ctypedef struct WorkerSlot:
+    WorkerSlot *next
+    KeyState *ks            # the key whose task it runs, or NULL
+    uint64_t seq            # tasks it has started
+    uint64_t seen_seq       # (watchdog) the task it saw running last time...
+    uint64_t seen_at        # ... first seen then (ns)
+    int reported            # ... and already logged
+
+
+# One of hot_keys' candidates: a strong reference to the key once owned.
+ctypedef struct HotEntry:
+    PyObject *key
+    uint64_t rank           # 2 * queued + running
+    uint64_t stamp          # submit stamp of its oldest queued task, or 0
+    uint32_t count
+    int running
 
 
 # A key of the same hash that _locate compared with the mutex released.
@@ -285,6 +327,9 @@ cdef class Scheduler:
     cdef uint64_t serials       # KeyState.serial of the last state made (_locate)
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
+    cdef Timing timing              # see timings()
+    cdef WorkerSlot *workers        # the running workers (slow-task watchdog)
+
     cdef object on_error
     cdef readonly str name
     cdef str thread_name_prefix
@@ -314,13 +359,15 @@ cdef class Scheduler:
 
     def __init__(self, int workers, *, queue_size=0, idle_timeout=None, int batch=64,
                  str name="keyedexec", on_error=None, str thread_name_prefix="",
-                 initializer=None, tuple initargs=()):
+                 initializer=None, tuple initargs=(), uint32_t sample_timings=32,
+                 slow_task_threshold=None):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        _timing_init(&self.timing, sample_timings)
         self.max_workers = workers
         self.batch = batch
         self.queue_size = queue_size
@@ -331,6 +378,8 @@ cdef class Scheduler:
         self.initializer = initializer
         self.initargs = initargs
         _lifecycle.register(self)
+        if slow_task_threshold is not None:
+            _watchdog.start(self, slow_task_threshold)
 
     def __dealloc__(self):
         # No worker can be alive: each holds a reference to self.
@@ -599,6 +648,7 @@ cdef class Scheduler:
         cdef bint notify = False, spawned = False, timed_out = False
         cdef double slice_
         cdef int refused = 0    # 1: closed, 2: own key full, 3: out of memory; raised unlocked
+        cdef uint64_t stamp = 0
         if not PyCallable_Check(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         try:
@@ -607,6 +657,7 @@ cdef class Scheduler:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
         deadline = None
         while True:
+            stamp = ke_coarse_ns()   # for hot_keys; read unlocked; a timed task's is precise
             ks = self._locate(key, h)   # the mutex is held from here
             if self.closing:
                 refused = 1
@@ -672,6 +723,10 @@ cdef class Scheduler:
                 Py_INCREF_raw(<PyObject *>fut)
                 t.fut = <PyObject *>fut
             t.kind = kind
+            t.stamp = stamp
+            if self.timing.every and _timing_take(&self.timing):
+                t.kind = kind | K_TIMED
+                t.stamp = ke_now_ns()
             ks.count += 1
             self.pending += 1
             self.submitted += 1
@@ -833,14 +888,22 @@ cdef class Scheduler:
         cdef bint notify_space, woke, retire = False, fresh = True
         cdef double wait
         cdef unsigned long me = PyThread_get_thread_ident()
+        cdef WorkerSlot slot
+        cdef uint64_t started = 0, ended = 0
         if not self._claim_start(token):
             return
         if self.initializer is not None:
             self._initialize_worker()   # if it fails, the loop below only exits
+        memset(&slot, 0, sizeof(WorkerSlot))
         _acquire(self.mu)
+        slot.next = self.workers
+        self.workers = &slot
         while True:
             # (mutex held) account for the task that just ran
             if status:
+                slot.ks = NULL
+                if t.kind & K_TIMED and status != T_SKIPPED:
+                    _timing_record(&self.timing, t.stamp, started, ended)
                 held = ks.current
                 ks.current = NULL
                 self.running -= 1
@@ -861,6 +924,8 @@ cdef class Scheduler:
                     served += 1
                     fresh = False
                     ks.current = t.fut   # _run leaves the task's reference to it
+                    slot.ks = ks
+                    slot.seq += 1
                     notify_space = self.blocked > 0
                     ke_unlock(self.mu)
                     if dead is not NULL:
@@ -871,7 +936,11 @@ cdef class Scheduler:
                         held = NULL
                     if notify_space:
                         ke_notify_all(self.space_cv)
+                    if t.kind & K_TIMED:
+                        started = ke_now_ns()
                     status = self._run(<object>ks.key, &t)
+                    if t.kind & K_TIMED:
+                        ended = ke_now_ns()
                     _acquire(self.mu)
                     continue
                 if dead is not NULL:
@@ -918,17 +987,28 @@ cdef class Scheduler:
                 if not woke and self.ready_head is NULL and not self.closing:
                     retire = True   # idle for idle_timeout seconds: give the thread back
                     self.nthreads -= 1
+                    self._unlink_worker(&slot)
                 ke_unlock(self.mu)
             if retire:
                 self._notify_exited()
                 return
             _acquire(self.mu)
         self.nthreads -= 1
+        self._unlink_worker(&slot)
         ke_unlock(self.mu)
         if dead is not NULL:
             self._free_key(dead)
         Py_XDECREF_raw(held)
         self._notify_exited()
+
+    cdef void _unlink_worker(self, WorkerSlot *w) noexcept nogil:
+        """(mutex held) An exiting worker leaves the watchdog's list."""
+        cdef WorkerSlot **link = &self.workers
+        while link[0] is not NULL:
+            if link[0] is w:
+                link[0] = w.next
+                return
+            link = &link[0].next
 
     cdef void _initialize_worker(self) noexcept:
         """Call the initializer in a new worker. If it raises (logged), the pool is
@@ -1207,6 +1287,142 @@ cdef class Scheduler:
         # Built after unlocking: a tuple allocation may run the GC (3.10/3.11).
         return (nthreads, running, pending, nkeys, submitted, completed, failed, cancelled)
 
+    def timings(self):
+        """(sample_every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
+        cdef Timing copy
+        _acquire(self.mu)
+        copy = self.timing
+        ke_unlock(self.mu)
+        return _timing_tuple(&copy)   # built unlocked: tuples may run the GC
+
+    def hot_keys(self, Py_ssize_t n):
+        """The ``n`` keys with the most queued tasks (ties: running first), as
+        ``([(key, queued, running, oldest queued task's wait in ns or None)], longest
+        hold of the mutex in ns)``; keys with nothing queued count only if running.
+
+        With a million keys a single pass would stop every worker for tens of
+        milliseconds: the table is scanned SCAN_SLOTS slots at a time, the
+        mutex (and the GIL) released in between, keeping the best ``n`` in a
+        C heap. The answer is therefore not one snapshot: a key that moves in
+        the table during the scan (a resize) may be missed, or met twice (the
+        facade keeps the first). Each candidate's key is referenced as soon as
+        it is chosen; the ones pushed out again are released between chunks.
+        """
+        cdef Py_ssize_t cap, size = 0, i, nevicted
+        cdef size_t pos = 0, end, nslots
+        cdef int bits
+        cdef KeyState *ks
+        cdef HotEntry cand
+        cdef HotEntry *heap
+        cdef PyObject **evicted
+        cdef uint64_t t0, t1, longest = 0, now
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        _acquire(self.mu)
+        cap = min(n, <Py_ssize_t>self.nkeys + 64)   # keys that arrive later may not fit: fine
+        bits = self.bits
+        ke_unlock(self.mu)
+        heap = <HotEntry *>PyMem_Malloc(sizeof(HotEntry) * cap)
+        evicted = <PyObject **>PyMem_Malloc(sizeof(PyObject *) * SCAN_SLOTS)
+        if heap is NULL or evicted is NULL:
+            PyMem_Free(heap)
+            PyMem_Free(evicted)
+            raise MemoryError()
+        try:
+            while True:
+                with nogil:
+                    pass   # let threads waiting for the GIL run between chunks
+                _acquire(self.mu)
+                t0 = ke_now_ns()
+                if self.bits != bits:   # resized meanwhile: the same place in the new table
+                    pos = pos << (self.bits - bits) if self.bits > bits else pos >> (bits - self.bits)
+                    bits = self.bits
+                nslots = <size_t>1 << bits
+                end = min(pos + SCAN_SLOTS, nslots)
+                nevicted = 0
+                for i in range(<Py_ssize_t>pos, <Py_ssize_t>end):
+                    ks = self.slots[i]
+                    if ks is NULL or (ks.count == 0 and ks.runner == 0):
+                        continue
+                    cand.rank = 2 * <uint64_t>ks.count + (ks.runner != 0)
+                    if size == cap and cand.rank <= heap[0].rank:
+                        continue
+                    cand.key = ks.key
+                    cand.count = ks.count
+                    cand.running = ks.runner != 0
+                    cand.stamp = ks.ring[ks.head].stamp if ks.count else 0
+                    Py_INCREF_raw(ks.key)   # no code runs on an incref: fine under the mutex
+                    if size == cap:
+                        evicted[nevicted] = heap[0].key
+                        nevicted += 1
+                        _heap_replace_top(heap, size, &cand)
+                    else:
+                        _heap_push(heap, size, &cand)
+                        size += 1
+                pos = end
+                t1 = ke_now_ns()
+                ke_unlock(self.mu)
+                longest = max(longest, t1 - t0)
+                for i in range(nevicted):
+                    Py_DECREF_raw(evicted[i])
+                if pos >= nslots:
+                    break
+            now = ke_now_ns()
+            out = []
+            for i in range(size):
+                out.append((<object>heap[i].key, heap[i].count, heap[i].running != 0,
+                            None if heap[i].stamp == 0
+                            else (now - heap[i].stamp if now > heap[i].stamp else 0)))
+        finally:
+            for i in range(size):
+                Py_DECREF_raw(heap[i].key)
+            PyMem_Free(heap)
+            PyMem_Free(evicted)
+        return out, longest
+
+    def _slow_tasks(self, uint64_t threshold_ns):
+        """(the watchdog) [(key, ns it has run at least)] for each task found
+        running longer than ``threshold_ns`` and not reported before.
+
+        No clock read per task: each worker counts the tasks it starts, and a
+        task is timed from the first call that saw its worker on it, so it is
+        reported between threshold and threshold + one watchdog period after
+        it started.
+        """
+        cdef WorkerSlot *w
+        cdef PyObject *keys[SLOW_REPORTS]
+        cdef uint64_t ran[SLOW_REPORTS]
+        cdef int i, n = 0
+        cdef uint64_t now = ke_now_ns()
+        _acquire(self.mu)
+        w = self.workers
+        while w is not NULL and n < SLOW_REPORTS:
+            if w.ks is not NULL:
+                if w.seq != w.seen_seq:
+                    w.seen_seq = w.seq
+                    w.seen_at = now
+                    w.reported = 0
+                elif not w.reported and now - w.seen_at >= threshold_ns:
+                    w.reported = 1
+                    keys[n] = w.ks.key
+                    Py_INCREF_raw(keys[n])
+                    ran[n] = now - w.seen_at
+                    n += 1
+            w = w.next
+        ke_unlock(self.mu)
+        out = []
+        try:
+            for i in range(n):
+                out.append((<object>keys[i], ran[i]))
+        finally:
+            for i in range(n):
+                Py_DECREF_raw(keys[i])
+        return out
+
+    def _watch_done(self):
+        """(the watchdog) True once closed and every worker has exited."""
+        return self.closing != OPEN and self._live_workers() == 0
+
     def key_pending(self, key):
         """Queued (not running) tasks of ``key``."""
         cdef KeyState *ks = self._locate(key, PyObject_Hash(key))
@@ -1285,6 +1501,7 @@ cdef class Scheduler:
         self.blocked = 0
         self._joining = 0
         self._threads = [me] if survivor else []
+        self.workers = NULL   # the parent's workers' slots: not running here
         self.cancel_queued()
         self._cancel_orphans()
 
@@ -1310,6 +1527,82 @@ cdef class Scheduler:
         self.cancelled += n
         _lifecycle.cancel_orphans(orphans)
         return 0
+
+
+cdef void _timing_init(Timing *t, uint32_t every) noexcept:
+    memset(t, 0, sizeof(Timing))
+    t.every = every
+    t.countdown = 1   # the first task is timed
+    t.rng = SAMPLE_SEED
+
+
+cdef inline bint _timing_take(Timing *t) noexcept nogil:
+    """Once per accepted task (``every`` > 0): whether to time it. The gaps
+    between timed tasks are random in [1, 2 * every - 1] (mean ``every``), so
+    that no periodic pattern of submits is in step with them."""
+    cdef uint64_t x
+    t.countdown -= 1
+    if t.countdown:
+        return False
+    x = t.rng
+    x ^= x << 13
+    x ^= x >> 7
+    x ^= x << 17
+    t.rng = x
+    t.countdown = 1 + x % (2 * <uint64_t>t.every - 1)
+    return True
+
+
+cdef inline void _timing_record(Timing *t, uint64_t stamp, uint64_t started,
+                                uint64_t ended) noexcept nogil:
+    """Add a timed task's wait (submit -> start) and run (start -> end)."""
+    cdef uint64_t wait = started - stamp if started > stamp else 0
+    cdef uint64_t run = ended - started if ended > started else 0
+    t.wait[ke_bucket(wait, NBUCKETS)] += 1
+    t.wait_sum += wait
+    t.run[ke_bucket(run, NBUCKETS)] += 1
+    t.run_sum += run
+
+
+cdef tuple _timing_tuple(Timing *t):
+    """(every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
+    return (t.every, tuple([t.wait[i] for i in range(NBUCKETS)]), t.wait_sum,
+            tuple([t.run[i] for i in range(NBUCKETS)]), t.run_sum)
+
+
+cdef inline void _heap_sift_down(HotEntry *heap, Py_ssize_t size, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t child
+    cdef HotEntry tmp
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            return
+        if child + 1 < size and heap[child + 1].rank < heap[child].rank:
+            child += 1
+        if heap[i].rank <= heap[child].rank:
+            return
+        tmp = heap[i]
+        heap[i] = heap[child]
+        heap[child] = tmp
+        i = child
+
+
+cdef inline void _heap_push(HotEntry *heap, Py_ssize_t size, HotEntry *e) noexcept nogil:
+    """Add ``e`` to the min-heap (by rank) of ``size`` entries."""
+    cdef Py_ssize_t i = size, parent
+    heap[i] = e[0]
+    while i > 0:
+        parent = (i - 1) // 2
+        if heap[parent].rank <= heap[i].rank:
+            return
+        heap[i], heap[parent] = heap[parent], heap[i]
+        i = parent
+
+
+cdef inline void _heap_replace_top(HotEntry *heap, Py_ssize_t size, HotEntry *e) noexcept nogil:
+    """Replace the smallest entry with ``e``."""
+    heap[0] = e[0]
+    _heap_sift_down(heap, size, 0)
 
 
 cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:

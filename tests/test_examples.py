@@ -34,6 +34,13 @@ EXPECTED = {
         "matches sequential replay: True",
         "tasks run: 606 (600 transactions, 6 reads)",
     ],
+    "metrics_service.py": [
+        "GET /metrics: 200",
+        "hottest key: acct-7",
+        "payments: 2030 submitted, 2030 completed, 0 failed",
+        "slow-task log: 'acct-7'",
+        "timed: 1 task in 32",
+    ],
     "stream_consumer.py": [
         "processed 1500 records of 40 entities",
         "out of order: 0",

@@ -1,0 +1,81 @@
+"""Integrations with other libraries, each behind its own extra.
+
+* ``keyedexec.contrib.prometheus`` (``pip install keyedexec[prometheus]``):
+  a ``prometheus_client`` collector.
+* ``keyedexec.contrib.otel`` (``pip install keyedexec[otel]``): OpenTelemetry
+  metrics instruments.
+
+Importing ``keyedexec`` imports none of them, nor the libraries they need.
+Both cover KeyedExecutor, TaskPool and AsyncKeyedExecutor: anything with
+``name``, ``metrics()``, ``timings()`` and ``hot_keys(n)`` (:class:`Observed`).
+The Ray and process executors are not there yet; they will be covered by
+the same protocol when they land.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .._timings import HotKey, Timings
+
+__all__ = ["KEY_LABEL_MAX", "Observed", "check_hot_keys", "executor_name", "key_labels", "sampling"]
+
+
+class Observed(Protocol):
+    """What the exporters read from an executor."""
+
+    @property
+    def name(self) -> str: ...
+
+    def metrics(self) -> Any: ...
+
+    def timings(self) -> Timings: ...
+
+    def hot_keys(self, n: int = 10) -> list[HotKey]: ...
+
+
+def check_hot_keys(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"hot_keys must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"hot_keys must be >= 0, got {n}")
+    return n
+
+
+def executor_name(executor: Observed, name: object) -> str:
+    """The label an executor is exported under: ``name``, or else its own."""
+    if name is None:
+        return executor.name
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    return name
+
+
+def sampling(every: int) -> str:
+    """How the timed tasks were chosen, for a metric's description."""
+    if every == 0:
+        return "timing is off: sample_timings=0"
+    return "every task timed" if every == 1 else f"1 task in {every} timed"
+
+
+#: The longest a hot key's label may be: a key's repr is cut there.
+KEY_LABEL_MAX = 80
+
+
+def key_labels(keys: list[Any]) -> list[str]:
+    """Keys as metric labels, distinct within one scrape: a str as it is,
+    anything else as its repr, cut to KEY_LABEL_MAX characters; a label met
+    again (the int 1 and the str "1", two long keys cut alike) gets a suffix."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for key in keys:
+        text = key if isinstance(key, str) else repr(key)
+        if len(text) > KEY_LABEL_MAX:
+            text = text[: KEY_LABEL_MAX - 1] + "…"
+        label, n = text, 1
+        while label in seen:
+            n += 1
+            label = f"{text} #{n}"
+        seen.add(label)
+        out.append(label)
+    return out
