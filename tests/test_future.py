@@ -105,7 +105,7 @@ def _collect_as_completed(fs: list[Any], out: list[Any]) -> threading.Thread:
     t.start()
     # Wait until as_completed has installed its waiter on every future, so the
     # cancellation below must reach it through the waiter, not a first look.
-    assert wait_until(lambda: all(f.__dict__.get("_waiters") for f in fs))
+    assert wait_until(lambda: all(len(f._waiters) for f in fs))
     return t
 
 
