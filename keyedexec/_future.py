@@ -152,11 +152,11 @@ class _PyFutureBase(Future[Any]):
     def running(self) -> bool:
         return self._state == RUNNING
 
-    def result(self, timeout: float | None = None) -> T:
+    def result(self, timeout: float | None = None) -> Any:
         if self._state == FINISHED:
             exc = self._exception
             if exc is None:
-                return self._result  # type: ignore[return-value]
+                return self._result
             try:
                 raise exc
             finally:
@@ -297,6 +297,10 @@ class KeyedFuture(_Base, Future[T]):
 
     A ``concurrent.futures.Future`` in every respect; only cheaper.
     """
+
+    if TYPE_CHECKING:  # the result's type, which the untyped base cannot carry
+
+        def result(self, timeout: float | None = None) -> T: ...
 
     def _cancel_queued(self) -> None:
         """Cancel a future whose task will never run, and notify its waiters.
