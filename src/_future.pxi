@@ -575,15 +575,27 @@ cdef class FutureBase:
         return self.st == _RUNNING
 
     def result(self, timeout=None):
-        if self.st is _FINISHED:
-            if self.exc is None:
-                return self.res
-            raise self.exc
+        if KE_FREE_THREADED:
+            _seal(self)   # the outcome written before FINISHED is seen with it
+            st, res, exc = self.st, self.res, self.exc
+            _unseal(self)
+        else:
+            st, res, exc = self.st, self.res, self.exc
+        if st is _FINISHED:
+            if exc is None:
+                return res
+            raise exc
         return _std_result(self, timeout)
 
     def exception(self, timeout=None):
-        if self.st is _FINISHED:
-            return self.exc
+        if KE_FREE_THREADED:
+            _seal(self)
+            st, exc = self.st, self.exc
+            _unseal(self)
+        else:
+            st, exc = self.st, self.exc
+        if st is _FINISHED:
+            return exc
         return _std_exception(self, timeout)
 
     # -- transitions -----------------------------------------------------------------
@@ -706,7 +718,9 @@ cdef inline bint _claim_future(FutureBase fut) noexcept:
     """PENDING -> RUNNING, unless cancel() got there first."""
     cdef bint ok
     _seal(fut)
-    ok = fut.st is _PENDING
+    st = fut.st
+    # (equality: a PENDING that a test or subclass assigned from another string object)
+    ok = st is _PENDING or (type(st) is str and st == _PENDING)
     if ok:
         fut.st = _RUNNING
     _unseal(fut)
