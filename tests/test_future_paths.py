@@ -510,7 +510,7 @@ def test_signal_handlers_run_during_waits_and_can_interrupt_them(impl: Any) -> N
     one that raises ends the wait and leaves the condition unlocked; one that
     does not lets the wait go on to the result."""
     proc = subprocess.run([sys.executable, "-c", _SIGNALS], env=_child_env(impl),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=45)
     assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr
 
 
@@ -564,7 +564,7 @@ def test_fork_while_futures_are_watched(impl: Any, hold: bool) -> None:
         pytest.skip("the pure future's threading.Condition is not reset across fork")
     env = {**_child_env(impl), "HOLD": "1" if hold else "0"}
     proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=45)
     assert (proc.returncode, proc.stdout.strip()) == (0, "0"), proc.stderr
 
 
