@@ -22,10 +22,14 @@ W1 = SIZES.io_workers[0]
 #: Scenario id -> title, in table order.
 SCENARIOS: dict[str, str] = {
     "execute": "execute, 1,000 keys",
-    "submit": "submit + wait, 1,000 keys",
-    "submit-one": "submit + wait, 1 key",
-    "submit-distinct": "submit + wait, key per task",
-    "submit-zipf": "submit + wait, Zipf 10k keys",
+    "submit": "submit + result() on each, 1,000 keys",
+    "submit-one": "submit + result() on each, 1 key",
+    "submit-distinct": "submit + result() each, key per task",
+    "submit-zipf": "submit + result() each, Zipf 10k keys",
+    "wait": "submit + wait(fs), 1,000 keys",
+    "as-completed": "submit + as_completed(fs), 1,000 keys",
+    "callback": "submit + add_done_callback, 1,000 keys",
+    "wrap-future": "await wrap_future(submit), 1,000 keys",
     **{
         f"io-w{w}": f"I/O sleep 1 ms, {w} worker{'s' if w > 1 else ''}"
         for w in SIZES.io_workers
@@ -56,12 +60,14 @@ ORDER = [c.name for c in harness.COMPETITORS]
 
 #: How the ratio column names a baseline that is the same competitor in another scenario.
 OWN = {"submit": "own 1,000 keys", f"io-w{W1}": f"own {W1} worker"}
+#: How the ratio column names a competitor that runs a scenario its own way.
+AS = {("wrap-future", "tpe"): "run_in_executor(TPE)"}
 
 
 def baseline_name(base: tuple[str, str], competitor: str) -> str:
     scenario, comp = base
     if comp != competitor:
-        return LABELS.get(comp, comp)
+        return AS.get(base, LABELS.get(comp, comp))
     return OWN.get(scenario, SCENARIOS.get(scenario, scenario))
 
 
@@ -117,6 +123,10 @@ GOALS: list[Goal] = [
     Goal("submit-one", "native", "within 2 x of 1,000 keys", 0.5, ("submit", "native")),
     Goal("submit-distinct", "native", "within 2 x of 1,000 keys", 0.5, ("submit", "native")),
     Goal("submit-zipf", "native", ">= 0.5 x 1,000 keys", 0.5, ("submit", "native")),
+    Goal("wait", "native", ">= 5 x TPE", 5, ("wait", "tpe")),
+    Goal("as-completed", "native", ">= 4 x TPE", 4, ("as-completed", "tpe")),
+    Goal("callback", "native", ">= 5 x TPE", 5, ("callback", "tpe")),
+    Goal("wrap-future", "native", ">= 1.5 x run_in_executor", 1.5, ("wrap-future", "tpe")),
     *(
         Goal(f"io-w{w}", "native", f">= {0.9 * w:g} x {W1} worker", 0.9 * w,
              (f"io-w{W1}", "native"))

@@ -4,10 +4,19 @@ Keys and callables are ``Any`` here as in the pure model: the facades
 (KeyedExecutor, TaskPool) carry the precise types.
 """
 
+from concurrent.futures import Future
 from typing import Any, Callable
 
 from ._future import KeyedFuture
 from .context import Context
+
+class FutureBase:
+    """The C half of KeyedFuture (src/_future.pxi); keyedexec._future has the
+    pure-Python twin, ``_PyFutureBase``, with the same methods."""
+
+    def __init__(self) -> None: ...
+
+def _install_future_class(cls: type[Future[Any]]) -> None: ...
 
 class Scheduler:
     """The keyed scheduler. Facades: ``KeyedExecutor`` and ``TaskPool``."""

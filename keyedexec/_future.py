@@ -2,33 +2,41 @@
 
 The stdlib's ``Future.__init__`` builds a ``threading.Condition`` (about half a
 microsecond), and ``set_result`` takes it even when nobody waits. At millions of
-tasks per second that is most of the cost, so this subclass:
+tasks per second that is most of the cost. KeyedFuture therefore skips
+``Future.__init__`` and builds its condition, waiter list and callback list only
+when someone first looks at them, and lets the worker claim and complete it
+without a lock while nobody watches. It stays a ``concurrent.futures.Future``
+subclass: ``wait``, ``as_completed``, callbacks and ``asyncio.wrap_future`` go
+through ``_condition``, ``_state``, ``_waiters`` and ``_done_callbacks``, which
+behave as the stdlib's.
 
-* creates its condition, waiter list and callback list on first use only
-  (:class:`_Lazy`), and keeps PENDING/None defaults on the class, so a new
-  future is an empty object;
-* lets the worker claim and complete it without the condition. PENDING is "no
-  ``_state`` attribute yet" (the class default). The worker claims with an
-  atomic PENDING -> RUNNING and ``cancel()`` with PENDING -> CANCELLED
-  (``_set_state_if_pending``): whoever writes first wins. The native core does
-  it in C, where nothing runs between the read and the write under the GIL (a
-  single dict operation when free-threaded); without the core, one
-  ``__dict__.setdefault``.
-* completes by writing the outcome and then ``_state = FINISHED`` under a seal
-  lock (``_seal``), unless someone watches. Anyone who waits creates the
-  condition, and flags the future as watched, under the same seal: either the
-  worker sees the flag and notifies under the condition, or the waiter sees
-  FINISHED: no lost wake-up.
+Two implementations of that state, one class name:
 
-Every stdlib operation still works (``wait``, ``as_completed``,
-``asyncio.wrap_future``, callbacks), because they all go through ``_condition``,
-``_state``, ``_waiters`` and ``_done_callbacks``, which behave as before.
-The native core performs the same claim and completion steps in C.
+* With the native core, KeyedFuture derives from ``keyedexec._core.FutureBase``
+  (src/_future.pxi): the state lives in C fields, the condition is a C object,
+  and the worker completes a watched future (waiters, condition, callbacks)
+  from C. A future that is final when someone looks builds nothing at all.
+  src/_future.pxi lists the CPython behaviour this relies on;
+  tests/test_future_paths.py checks it on every CPython.
+* Without it, :class:`_PyFutureBase` below, in Python:
+
+  - PENDING/None defaults live on the class, so a new future is an empty
+    object; the condition, waiter and callback lists are made on first use
+    (:class:`_Lazy`).
+  - The worker claims with an atomic PENDING -> RUNNING and ``cancel()`` with
+    PENDING -> CANCELLED (``_set_state_if_pending``, one
+    ``__dict__.setdefault``): whoever writes first wins.
+  - It completes by writing the outcome and then ``_state = FINISHED`` under a
+    seal lock (``_seal``), unless someone watches. Anyone who waits creates the
+    condition, and flags the future as watched, under the same seal: either the
+    worker sees the flag and notifies under the condition, or the waiter sees
+    FINISHED: no lost wake-up.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+import platform
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import (
@@ -39,7 +47,7 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 __all__ = ["KeyedFuture"]
 
@@ -76,22 +84,23 @@ class _Lazy(Generic[T]):
         return value
 
 
-# Order "is anyone watching?" (a worker completing a future) against "start
-# watching" (creating its condition). Striped by the future's address so that
-# workers on a free-threaded build rarely meet on one lock. The native core on
-# GIL builds needs none: its check and write run without a GIL switch between.
+# (_PyFutureBase) Order "is anyone watching?" (a worker completing a future)
+# against "start watching" (creating its condition). Striped by the future's
+# address so that workers on a free-threaded build rarely meet on one lock.
+# Defined before the native core is imported (_native_base): the core imports
+# keyedexec._lifecycle, which holds these across fork.
 _SEALS = tuple(threading.Lock() for _ in range(64))
 
 
 def _seal(fut: object) -> threading.Lock:
-    return _SEALS[(id(fut) >> 4) & 63]  # the native core computes the same index
+    return _SEALS[(id(fut) >> 4) & 63]
 
 
 class _LazyCondition(_Lazy[threading.Condition]):
     """The condition, created on first use; also flags the future as watched.
 
     ``_watched`` tells the worker's completion path that someone may wait or
-    has a callback (the native core checks it instead of the instance dict).
+    has a callback.
     It is set after the condition exists and before the caller reads the
     state, which keeps the no-lost-wake-up argument above intact.
     """
@@ -111,11 +120,8 @@ class _LazyCondition(_Lazy[threading.Condition]):
         return cond
 
 
-class KeyedFuture(Future[T]):
-    """The future returned by ``KeyedExecutor.submit`` and friends.
-
-    A ``concurrent.futures.Future`` in every respect; only cheaper.
-    """
+class _PyFutureBase(Future[Any]):
+    """KeyedFuture's state without the native core (see the module docstring)."""
 
     # Class-level defaults stand in for the attributes Future.__init__ would set.
     _state = PENDING
@@ -131,10 +137,7 @@ class KeyedFuture(Future[T]):
     # (_set_state_if_pending) needs: creating the dict later, from a thread
     # racing a worker's attribute writes, can run the GC half-way (and so other
     # threads), and leave a dict that misses or miscounts the other thread's
-    # writes. With the native core's state change no dict is ever needed, and
-    # keyedexec._core swaps this for object.__init__ on 3.11+ (attributes
-    # inline); before 3.11 a first attribute write creates the dict lazily with
-    # the same race, so it stays.
+    # writes.
     def __init__(self) -> None:
         self.__dict__  # noqa: B018
 
@@ -149,11 +152,11 @@ class KeyedFuture(Future[T]):
     def running(self) -> bool:
         return self._state == RUNNING
 
-    def result(self, timeout: float | None = None) -> T:
+    def result(self, timeout: float | None = None) -> Any:
         if self._state == FINISHED:
             exc = self._exception
             if exc is None:
-                return self._result  # type: ignore[return-value]
+                return self._result
             try:
                 raise exc
             finally:
@@ -242,6 +245,63 @@ class KeyedFuture(Future[T]):
             finally:
                 del first  # no reference cycle through the traceback
 
+    def _claim(self) -> bool:
+        """PENDING -> RUNNING unless cancel() came first: the worker's claim."""
+        return _set_state_if_pending(self, RUNNING) == RUNNING
+
+
+def _set_state_if_pending_by_dict(fut: _PyFutureBase, state: str) -> str:
+    """PENDING -> ``state``, atomically against any other thread; returns the
+    state after the call (``state`` if it was set). One dict operation, atomic
+    under the GIL or, free-threaded, the dict's own lock. The native core
+    keeps its own state (src/_future.pxi)."""
+    d = fut.__dict__
+    current: str = d.setdefault("_state", state)
+    if current != PENDING:
+        return current
+    # PENDING was assigned explicitly (Future.__init__, a test building a future
+    # in a state): no single dict operation swaps it, so whoever finds it so
+    # (the worker's claim, cancel()) changes it under the future's seal.
+    with _seal(fut):
+        if d["_state"] == PENDING:
+            d["_state"] = state
+        return d["_state"]  # type: ignore[no-any-return]
+
+
+_set_state_if_pending: Callable[[_PyFutureBase, str], str] = _set_state_if_pending_by_dict
+
+
+def _native_base() -> type[Any] | None:
+    """FutureBase when the native core will be the scheduler, else None: the
+    rule of keyedexec._impl, which cannot be imported yet (keyedexec._pure
+    imports this module). keyedexec._core imports keyedexec._lifecycle, which
+    imports _SEALS from here: it is defined above."""
+    flag = os.environ.get("KEYEDEXEC_PURE_PYTHON", "").strip().lower()
+    if flag not in ("", "0", "false", "no") or platform.python_implementation() != "CPython":
+        return None
+    try:
+        from ._core import FutureBase
+    except ImportError:
+        return None  # keyedexec._impl warns, or raises (KEYEDEXEC_REQUIRE_NATIVE)
+    return FutureBase
+
+
+if TYPE_CHECKING:
+    _Base = _PyFutureBase
+else:
+    _Base = _native_base() or _PyFutureBase
+
+
+class KeyedFuture(_Base, Future[T]):
+    """The future returned by ``KeyedExecutor.submit`` and friends.
+
+    A ``concurrent.futures.Future`` in every respect; only cheaper.
+    """
+
+    if TYPE_CHECKING:  # the result's type, which the untyped base cannot carry
+
+        def result(self, timeout: float | None = None) -> T: ...
+
     def _cancel_queued(self) -> None:
         """Cancel a future whose task will never run, and notify its waiters.
 
@@ -261,7 +321,7 @@ class KeyedFuture(Future[T]):
         """Fail a future whose task will never run (its pool broke) with ``exc``,
         or make ``exc`` its result (``as_result``: the execute_with_error kinds).
         One that its caller cancelled first stays cancelled."""
-        if _set_state_if_pending(self, RUNNING) == RUNNING:
+        if self._claim():
             if as_result:
                 self._set_outcome(exc, None)
             else:
@@ -270,50 +330,7 @@ class KeyedFuture(Future[T]):
             self._cancel_queued()
 
 
-def _set_state_if_pending_by_dict(fut: KeyedFuture[Any], state: str) -> str:
-    """PENDING -> ``state``, atomically against any other thread; returns the
-    state after the call (``state`` if it was set). One dict operation, atomic
-    under the GIL or, free-threaded, the dict's own lock. The native core
-    installs an equivalent that needs no instance dict on GIL builds."""
-    d = fut.__dict__
-    current: str = d.setdefault("_state", state)
-    if current != PENDING:
-        return current
-    # PENDING was assigned explicitly (Future.__init__, a test building a future
-    # in a state): no single dict operation swaps it, so whoever finds it so
-    # (the worker's claim, cancel()) changes it under the future's seal.
-    with _seal(fut):
-        if d["_state"] == PENDING:
-            d["_state"] = state
-        return d["_state"]  # type: ignore[no-any-return]
+if _Base is not _PyFutureBase:
+    from . import _core
 
-
-_set_state_if_pending: Callable[[KeyedFuture[Any], str], str] = _set_state_if_pending_by_dict
-
-
-def _use_native_state_change(set_state_if_pending: Callable[[KeyedFuture[Any], str], str]) -> None:
-    """Called by keyedexec._core when it is imported (see KeyedFuture.__init__)."""
-    global _set_state_if_pending
-    _set_state_if_pending = set_state_if_pending
-    if sys.version_info >= (3, 11):
-        KeyedFuture.__init__ = object.__init__  # type: ignore[method-assign]
-
-
-def _teach_instance_attributes() -> None:
-    """Register every instance attribute name with the class, before any real
-    future exists.
-
-    CPython (3.11+) keeps instance attributes inline, without a dict, only for
-    names in the class's shared key table, and that table stops taking new
-    names once a few dozen instances exist. If many futures are created before
-    the first one completes (idle workers, a burst of submits), ``_result``
-    would arrive too late, and from then on every future of the process would
-    carry a full dict: twice the allocations and GC work per task.
-    """
-    primer = KeyedFuture.__new__(KeyedFuture)
-    for name in ("_state", "_result", "_exception", "_watched", "_condition",
-                 "_waiters", "_done_callbacks"):
-        setattr(primer, name, None)
-
-
-_teach_instance_attributes()
+    _core._install_future_class(KeyedFuture)

@@ -39,8 +39,7 @@ from libc.string cimport memcpy, memset
 
 import threading
 
-from keyedexec import _future, _lifecycle, _watchdog
-from keyedexec._future import _SEALS, KeyedFuture
+from keyedexec import _watchdog
 from keyedexec._report import report_failure
 from keyedexec.context import Context
 from keyedexec.errors import BrokenThreadPool, QueueFull
@@ -63,9 +62,6 @@ def _broken():
 
 
 cdef extern from "Python.h":
-    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
-    PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
-    object PyObject_GenericGetDict(object o, void *context)
     Py_hash_t PyObject_Hash(object o) except? -1
     int PyObject_RichCompareBool(PyObject *a, PyObject *b, int op) except -1
     int PyObject_RichCompareBool_raw "PyObject_RichCompareBool"(PyObject *a, PyObject *b, int op)
@@ -830,13 +826,13 @@ cdef class Scheduler:
 
     def submit(self, key, fn, /, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on ``key``'s queue; return its future."""
-        fut = KeyedFuture()
+        fut = _new_future()
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE, False, -1.0)
         return fut
 
     def execute_with_error(self, key, fn, /, *args, **kwargs):
         """Like submit, but the future's result is the exception raised, or None."""
-        fut = KeyedFuture()
+        fut = _new_future()
         self._push(key, fn, args, kwargs or None, fut, K_FUTURE | K_ERRVAL, False, -1.0)
         return fut
 
@@ -854,14 +850,14 @@ cdef class Scheduler:
     def submit_with_context(self, key, ctx, fn):
         """Run ``fn(ctx)``; the future raises ``ctx.err()`` if it was skipped."""
         _check_ctx(ctx)
-        fut = KeyedFuture()
+        fut = _new_future()
         self._push(key, fn, ctx, None, fut, K_FUTURE | K_CTX, False, -1.0)
         return fut
 
     def execute_with_context_error(self, key, ctx, fn):
         """Run ``fn(ctx)``; the future's result is the error (or ``ctx.err()``), or None."""
         _check_ctx(ctx)
-        fut = KeyedFuture()
+        fut = _new_future()
         self._push(key, fn, ctx, None, fut, K_FUTURE | K_ERRVAL | K_CTX, False, -1.0)
         return fut
 
@@ -1614,68 +1610,11 @@ cdef inline size_t _drain_ring(KeyState *ks, Task *out, size_t n) noexcept:
     return n
 
 
-cpdef object _set_state_if_pending(object fut, object state):
-    """KeyedFuture: PENDING -> ``state``, unless another thread changed the
-    state first; returns the state after the call. The worker's claim (RUNNING)
-    and cancel() (CANCELLED) race through it: see keyedexec/_future.py.
+include "_future.pxi"
 
-    With a GIL, reading and writing the attribute runs no Python code in
-    between (it is a plain class-level default, or an existing inline value),
-    so the pair is atomic and needs no instance dict; without a GIL, only a
-    single dict operation is.
-    """
-    if KE_FREE_THREADED:
-        current = <object>PyDict_SetDefault(PyObject_GenericGetDict(fut, NULL), "_state", state)
-        if current != _PENDING:
-            return current
-        # PENDING assigned explicitly (Future.__init__): swapped under the seal.
-        return _future._set_state_if_pending_by_dict(fut, state)
-    current = fut._state
-    if current is not _PENDING:
-        return current
-    fut._state = state
-    return state
-
-
-cdef inline bint _claim(object fut) except -1:
-    """PENDING -> RUNNING, unless cancel() got there first."""
-    return _set_state_if_pending(fut, _RUNNING) is _RUNNING
-
-
-_future._use_native_state_change(_set_state_if_pending)
-
-
-cdef inline void _complete(object fut, object result, object exc) noexcept:
-    """KeyedFuture._set_outcome in C: outcome, then FINISHED (under the condition
-    if anyone watches, as Future.set_result does)."""
-    cdef bint watched
-    if KE_FREE_THREADED:
-        d = PyObject_GenericGetDict(fut, NULL)
-        if exc is None:
-            d["_result"] = result
-        else:
-            d["_exception"] = exc
-        # No GIL orders this against a waiter creating the condition: the
-        # seal does (KeyedFuture._set_outcome, _LazyCondition).
-        with _SEALS[(<size_t><void*>fut >> 4) & 63]:
-            watched = PyDict_GetItemWithError(d, "_condition") is not NULL
-            if not watched:
-                d["_state"] = _FINISHED
-        if watched:
-            fut._finish_watched()
-        return
-    if exc is None:
-        fut._result = result
-    else:
-        fut._exception = exc
-    # From the check to the write no Python code runs (``_state`` exists since
-    # _claim, so the write allocates nothing): with the GIL, no waiter can start
-    # watching in between. A waiter that did start before sees RUNNING and is
-    # notified by _finish_watched; one that reads FINISHED is never notified.
-    if fut._watched:
-        fut._finish_watched()
-    else:
-        fut._state = _FINISHED
+# Imported after _future.pxi registered its fork hooks: in a forked child they
+# must run before _lifecycle's, which cancel futures and so use their locks.
+from keyedexec import _lifecycle
 
 
 cdef inline int _check_ctx(object ctx) except -1:
@@ -1753,7 +1692,7 @@ cdef PyObject *_execute_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
 cdef PyObject *_submit_kind(PyObject *self, PyObject **args, Py_ssize_t nargs,
                             PyObject *kwnames, const char *name, int kind) except NULL:
     _check_call(name, nargs)
-    fut = KeyedFuture()
+    fut = _new_future()
     (<Scheduler>self)._push(<object>args[0], <object>args[1], _rest(args, nargs),
                             _kwargs(args, nargs, kwnames), fut, kind, False, -1.0)
     Py_INCREF_raw(<PyObject *>fut)   # the caller's reference

@@ -16,6 +16,7 @@ import weakref
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -778,6 +779,9 @@ def test_skipped_tasks_do_not_keep_callers_frames_alive(h: Any) -> None:
         refs.append(weakref.ref(s))
         _skipped_result_while_holding(ex, ctx, s)
         del s
+    # The worker drops its last task (and so that future) once it has accounted
+    # for it, which can come after result() returned: wait for that first.
+    assert wait_until(lambda: ex.metrics().running == 0)
     gc.collect()
     assert all(r() is None for r in refs)
 
