@@ -45,6 +45,10 @@ SCENARIOS: dict[str, str] = {
     "process-submit": "processes: no-op submit + result()",
     "process-rss": "processes: RSS per idle child",
     "process-bytes": "processes: bytes / queued task",
+    "ray-submit": "Ray: no-op submit + result(), 2 actors",
+    "ray-cpu": "Ray: CPU ~1 ms tasks, 2 actors",
+    "ray-latency-p50": "Ray: latency submit->result p50",
+    "ray-latency-p99": "Ray: latency submit->result p99",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -132,6 +136,8 @@ GOALS: list[Goal] = [
     Goal("process-cpu", "process", ">= 1.8 x threaded", 1.8, ("process-cpu", "native")),
     Goal("process-cpu", "process", ">= 1.0 x PPE", 1.0, ("process-cpu", "ppe")),
     Goal("process-submit", "process", ">= 5 x PPE.submit", 5, ("process-submit", "ppe")),
+    Goal("ray-submit", "ray", ">= 10 x naive actor calls", 10, ("ray-submit", "ray-naive")),
+    Goal("ray-cpu", "ray", ">= 1.7 x 1 actor", 1.7, ("ray-cpu", "ray-1")),
 ]
 
 

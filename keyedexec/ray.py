@@ -40,6 +40,9 @@ __all__ = ["BrokenActorPool", "RayKeyedExecutor", "RayMetrics"]
 # receiver looks for new actors and overdue stops.
 _POLL = 1.0
 _TICK = 0.05
+# An actor answers take_results at most once per this interval: each answer is
+# a Ray call that costs the actor's GIL about as much as a short task.
+_REPORT_INTERVAL = 0.002
 # How long a closing executor waits for an actor told to stop before killing it.
 _STOP_GRACE = 10.0
 # Options this module sets itself: order and retries are its business, not Ray's.
@@ -90,6 +93,7 @@ class _ShardActor:
     def __init__(self, epoch: int, workers: int) -> None:
         self._host = ShardHost(workers, epoch)
         self._lock = threading.Lock()  # the host admits batches from one thread at a time
+        self._next_report = 0.0
 
     def deliver(self, epoch: int, seq: int, batch: Batch) -> None:
         with self._lock:
@@ -97,8 +101,13 @@ class _ShardActor:
 
     def take_results(self, timeout: float) -> tuple[list[Any], bool]:
         """The outcomes so far, and whether they are the last (read before taking)."""
+        early = self._next_report - time.monotonic()
+        if early > 0:
+            time.sleep(early)  # a rate limit: outcomes gather meanwhile
         finished = self._host.finished
-        return self._host.take_results(timeout), finished
+        items = self._host.take_results(timeout)
+        self._next_report = time.monotonic() + _REPORT_INTERVAL
+        return items, finished
 
     def close(self) -> None:
         self._host.close()
@@ -120,8 +129,13 @@ def _remote_class() -> Any:
 
 def _encode(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     # cloudpickle, as Ray itself does: functions of the driver's __main__ travel too.
-    data: bytes = ray.cloudpickle.dumps((fn, args, kwargs))
+    data: bytes = _cloudpickle_dumps((fn, args, kwargs))
     return data
+
+
+# Untyped in Ray's stubs.
+_cloudpickle_dumps: Any = ray.cloudpickle.dumps
+_cluster_resources: Any = ray.cluster_resources
 
 
 # -- the caller's end ----------------------------------------------------------------------
@@ -398,7 +412,7 @@ class RayKeyedExecutor(RoutedExecutor[K]):
                              "process: leave address out to use that connection")
         try:
             if actors is None:
-                actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+                actors = max(1, int(_cluster_resources().get("CPU", 1)))
             options = {
                 "num_cpus": 0,  # placement only by what the caller asks (actor_options)
                 **actor_options,
