@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=77" "Cython>=3.1" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,uvloop,typing]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,uvloop,typing,ray]"
 	touch $@
 
 venv: $(STAMP)

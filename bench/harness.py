@@ -418,6 +418,9 @@ if _core is not None:
 LABELS = {c.name: c.label for c in COMPETITORS}
 # bench/test_processes.py's competitors (their own pools, not Competitor objects).
 LABELS.update(process="keyedexec processes", ppe="ProcessPoolExecutor")
+# bench/test_ray.py's.
+LABELS.update({"ray": "keyedexec Ray, 2 actors", "ray-1": "keyedexec Ray, 1 actor",
+               "ray-naive": "Ray: actor call per task"})
 
 
 # -- results --------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ SCENARIOS: dict[str, str] = {
     "execute-timed-all": "execute, every task timed",
     "hot-keys": "hot_keys(10), 1,000,000 active keys",
     "hot-keys-hold": "  ... longest hold of the mutex",
+    "ray-submit": "Ray: no-op submit + result(), 2 actors",
+    "ray-cpu": "Ray: CPU ~1 ms tasks, 2 actors",
+    "ray-latency-p50": "Ray: latency submit->result p50",
+    "ray-latency-p99": "Ray: latency submit->result p99",
 }
 
 ORDER = [c.name for c in harness.COMPETITORS]
@@ -151,6 +155,8 @@ GOALS: list[Goal] = [
          ("execute-untimed", "native")),
     Goal("hot-keys", "native", "<= 50 ms", 50_000, None, False),
     Goal("hot-keys-hold", "native", "<= 1 ms", 1_000, None, False),
+    Goal("ray-submit", "ray", ">= 10 x naive actor calls", 10, ("ray-submit", "ray-naive")),
+    Goal("ray-cpu", "ray", ">= 1.7 x 1 actor", 1.7, ("ray-cpu", "ray-1")),
 ]
 
 

@@ -11,6 +11,8 @@ different keys run in parallel. Two facades over one scheduler:
   coroutine functions on an asyncio event loop.
 * ``keyedexec.process.ProcessKeyedExecutor``: the same ordering across child
   processes (imported on demand, not by ``import keyedexec``).
+* ``keyedexec.ray.RayKeyedExecutor``: the same ordering on Ray actors (the
+  ``ray`` extra; imported on demand).
 
 ``keyedexec.NATIVE`` tells whether the compiled core is in use.
 """

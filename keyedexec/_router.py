@@ -1,7 +1,7 @@
 """The keyed router: per-key order for executors whose workers live in other processes.
 
 One design for every such backend (child processes in ``keyedexec.process``,
-Ray actors later); only the :class:`Transport` differs.
+Ray actors in ``keyedexec.ray``); only the :class:`Transport` differs.
 
 Caller side (:class:`Router`, :class:`RoutedExecutor`):
 
@@ -18,6 +18,9 @@ Caller side (:class:`Router`, :class:`RoutedExecutor`):
   :class:`~keyedexec.ShardLost` (``on_loss="fail"``, at most once) or are sent
   again, first and in their order, to its replacement (``"retry"``, at least
   once); the replacement gets the next epoch.
+* **Resizing.** ``resize(n)`` starts shards up to ``n``; a shard above ``n``
+  takes no new key and stops once no key is on it (its busy keys finish there),
+  so only idle keys move, to the shard rendezvous hashing picks among the rest.
 
 Shard side (:class:`ShardHost`): admits batches strictly in sequence order
 (holding early ones), runs each task on a local :class:`KeyedExecutor` under
@@ -47,7 +50,7 @@ from . import _lifecycle
 from ._future import KeyedFuture
 from ._report import log_task_error, report_failure
 from ._typevars import K
-from .errors import ShardLost
+from .errors import QueueFull, ShardLost
 from .executor import (
     KeyedExecutor,
     Stats,
@@ -208,7 +211,7 @@ class ShardHost:
                 fn, args, kwargs = pickle.loads(payload)
             except Exception as exc:
                 raise pickle.UnpicklingError(
-                    f"the task could not be unpickled in the child process: {exc!r}"
+                    f"the task could not be unpickled in its shard: {exc!r}"
                 ) from exc
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -331,7 +334,7 @@ class _Reply:
 
 class _Shard:
     __slots__ = ("index", "salt", "epoch", "state", "pending", "controls", "unacked",
-                 "seq", "sent", "since", "replies")
+                 "seq", "sent", "since", "replies", "retired")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -345,6 +348,7 @@ class _Shard:
         self.sent = 0  # tasks sent to this epoch (max_tasks_per_shard)
         self.since = 0.0  # when the oldest pending task was queued
         self.replies: dict[int, _Reply] = {}
+        self.retired = False  # resize() removed it: no new keys, stops once idle
 
 
 _Send = tuple[int, int, int, Batch]
@@ -371,6 +375,9 @@ class Router:
         max_pending: int | None,
         on_error: Callable[[Any, BaseException], object],
         broken_error: Callable[[str], BaseException],
+        submit_timeout: float | None = None,
+        encode: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], bytes] = (
+            encode_task),
     ) -> None:
         self._transport: Transport | None = None
         self._lock = threading.RLock()
@@ -388,6 +395,8 @@ class Router:
         self._max_retries = max_retries
         self._max_per_shard = max_tasks_per_shard
         self._max_pending = max_pending
+        self._submit_timeout = submit_timeout
+        self._encode = encode
         self._on_error = on_error
         self._broken_error = broken_error
         self._closed: str | None = None  # why submits are refused
@@ -429,7 +438,7 @@ class Router:
                 ) from exc
         future: KeyedFuture[Any] = KeyedFuture()
         try:
-            payload = encode_task(fn, args, kwargs)
+            payload = self._encode(fn, args, kwargs)
         except Exception as exc:
             # Fails this task alone, on its own future, like an exception it raised.
             err = pickle.PicklingError(f"the task for key {key!r} could not be pickled: {exc}")
@@ -475,8 +484,13 @@ class Router:
         # A done-callback runs in the thread that must make room: never wait there.
         if getattr(_in_callback, "active", False):
             return
+        end = None if self._submit_timeout is None else time.monotonic() + self._submit_timeout
         while self._unfinished >= self._max_pending and self._closed is None:  # type: ignore[operator]
-            self._room.wait()
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise QueueFull(f"{self._unfinished} tasks unfinished (max_pending="
+                                f"{self._max_pending}) after {self._submit_timeout} s")
+            self._room.wait(left)
         self._check_open()
 
     def _pick(self, h: int) -> _Shard:
@@ -484,12 +498,13 @@ class Router:
         h &= _MASK
         best, best_score = None, -1
         for shard in self._shards:
-            if shard.state == _READY:
+            if shard.state == _READY and not shard.retired:
                 score = _mix(h ^ shard.salt)
                 if score > best_score:
                     best, best_score = shard, score
         if best is None:  # none accepting right now: its shard, whatever its state
-            best = max(self._shards, key=lambda s: _mix(h ^ s.salt))
+            best = max((s for s in self._shards if not s.retired),
+                       key=lambda s: _mix(h ^ s.salt))
         return best
 
     # -- batches --------------------------------------------------------------------------
@@ -636,7 +651,7 @@ class Router:
 
     def _after_outcomes(self, shard: _Shard) -> list[Callable[[], None]]:
         """(under the lock) Recycle a drained shard; finish a closed, idle router."""
-        actions: list[Callable[[], None]] = []
+        actions = self._retire_if_idle(shard)
         if shard.state == _DRAINING and not shard.unacked:
             assert self._transport is not None
             actions.append(functools.partial(self._transport.stop, shard.index, shard.epoch))
@@ -645,6 +660,47 @@ class Router:
             actions.append(functools.partial(self._start_shard, shard.index, shard.epoch))
         actions.extend(self._maybe_finish())
         return actions
+
+    def _retire_if_idle(self, shard: _Shard) -> list[Callable[[], None]]:
+        """(under the lock) Stop a shard that resize() removed, once no key is on it
+        (every task of a key on it is pending or unacknowledged there)."""
+        if (not shard.retired or shard.state not in (_READY, _DRAINING) or shard.pending
+                or shard.unacked or shard.controls):
+            return []
+        assert self._transport is not None
+        stop = functools.partial(self._transport.stop, shard.index, shard.epoch)
+        self._new_epoch(shard)
+        shard.state = _STOPPED
+        return [stop]
+
+    def resize(self, n: int) -> None:
+        """Shards ``0 .. n-1`` take work (new ones start now); those above retire:
+        no new key goes to them, their busy keys finish there, then they stop."""
+        starts = []
+        actions: list[Callable[[], None]] = []
+        with self._lock:
+            self._check_open()
+            while len(self._shards) < n:
+                self._shards.append(_Shard(len(self._shards)))
+                starts.append((len(self._shards) - 1, 0))
+            for shard in self._shards:
+                if shard.index < n:
+                    shard.retired = False
+                    if shard.state == _STOPPED:  # retired earlier: a new life
+                        self._new_epoch(shard)
+                        starts.append((shard.index, shard.epoch))
+                else:
+                    shard.retired = True
+                    actions.extend(self._retire_if_idle(shard))
+        self._run_actions(actions)
+        for index, epoch in starts:
+            self._start_shard(index, epoch)
+
+    @property
+    def shards(self) -> int:
+        """Shards taking new keys (``resize``'s ``n``)."""
+        with self._lock:
+            return sum(1 for s in self._shards if not s.retired)
 
     def _new_epoch(self, shard: _Shard) -> None:
         shard.epoch += 1
@@ -683,7 +739,9 @@ class Router:
                 batches.append(send)
                 if shard.state != _READY:
                     break
+            actions = self._retire_if_idle(shard)
         self._send(batches)
+        self._run_actions(actions)
 
     def lost(self, index: int, epoch: int, reason: str) -> None:
         """Shard ``index`` at ``epoch`` died: its unacknowledged tasks fail or are re-sent."""
@@ -702,7 +760,10 @@ class Router:
                 self.counts["retried"] += len(again)
             self._new_epoch(shard)
             epoch = shard.epoch
-            self.counts["restarts"] += 1
+            if shard.retired and not shard.pending:  # removed by resize: no replacement
+                shard.state = _STOPPED
+            else:
+                self.counts["restarts"] += 1
         message = (f"{reason}: the task was sent and not acknowledged; it may or may not "
                    "have run")
         _in_callback.active = True
@@ -715,7 +776,7 @@ class Router:
             for task in failed:
                 self._release(task, "lost")
             actions = self._maybe_finish()
-            restart = not self._finished
+            restart = not self._finished and shard.state == _STARTING
         if restart:
             self._start_shard(index, epoch)
         self._run_actions(actions)
@@ -798,7 +859,10 @@ class Router:
         with self._lock:
             for task in tasks:
                 self._release(task, "cancelled")
-            actions = self._maybe_finish()
+            actions = []
+            for shard in self._shards:
+                actions.extend(self._retire_if_idle(shard))
+            actions.extend(self._maybe_finish())
         self._run_actions(actions)
         return len(tasks)
 

@@ -39,6 +39,7 @@ class ShardLost(Exception):
     """The process (or actor) that ran a task died before reporting the task's outcome.
 
     The task may or may not have run, in part or in full: it was sent and never
-    acknowledged. Raised by the futures of the process executor
-    (``keyedexec.process``) under its default ``on_loss="fail"`` (at most once).
+    acknowledged. Raised by the futures of the process and Ray executors
+    (``keyedexec.process``, ``keyedexec.ray``) under their default
+    ``on_loss="fail"`` (at most once).
     """
