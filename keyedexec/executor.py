@@ -318,9 +318,9 @@ class KeyedExecutor(Generic[K]):
         loop = asyncio.get_running_loop()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        fut = _loopbridge.AsyncResult(loop=loop)
-        call = _loopbridge.LoopCall(_loopbridge.inbox_for(loop), fut, fn, args, kwargs)
-        fut._task = call.task = self.submit(key, call)
+        fut = _loopbridge.AsyncResult(loop)
+        fut._task = task = self.submit(key, fn, *args, **kwargs)
+        task.add_done_callback(fut._task_done)
         return fut
 
     def for_key(self, key: K) -> KeyView[K]:

@@ -2,8 +2,8 @@
 
 Each fast path is checked against its slow twin: completion before or after the
 await starts, one wake-up for a burst against one per completion, cancellation
-queued, running or done, tasks the scheduler drops without running them (the
-``LoopCall`` released unrun), a loop closed with completions in flight, and
+queued, running or done, tasks the scheduler drops without running them
+(their futures cancelled or failed unrun), a loop closed with completions in flight, and
 many loops in many threads sharing one executor. On both implementations.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 import threading
 import weakref
 from typing import Any
@@ -25,7 +24,6 @@ from keyedexec.errors import BrokenThreadPool
 pytestmark = pytest.mark.timeout(60)
 
 T = 10.0
-FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 def test_result_ready_before_or_after_the_await_starts(h: Any) -> None:
@@ -136,11 +134,6 @@ def test_tasks_dropped_by_the_scheduler_cancel_their_awaitables(h: Any, how: str
     assert ex.metrics().cancelled == 3
 
 
-@pytest.mark.skipif(
-    FREE_THREADED,
-    reason="known limitation: dropped from a worker thread, the LoopCall is released (and"
-    " reports) only when the loop's thread next runs Python code (biased reference counting)",
-)
 def test_tasks_dropped_by_a_broken_pool_fail_their_awaitables(h: Any) -> None:
     """An initializer that raises breaks the pool: queued tasks fail with BrokenThreadPool."""
     go = threading.Event()
