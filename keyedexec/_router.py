@@ -29,7 +29,18 @@ its key, and hands outcomes back in batches (:meth:`ShardHost.take_results`).
 Wire format (pickled by the transport): a batch is ``(tasks, controls)``, tasks
 ``(tid, key, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
 controls ``(kind, key, request)`` run before the batch's tasks. Outcomes are
-``(tid, status, value)``.
+``(tid, status, value, started, ended)``: the shard's monotonic clock (ns) when
+the task started and ended (0 for a task that did not run).
+
+Observability (:meth:`Router.timings`, :meth:`Router.hot_keys`): the router
+stamps each task at submit (``time.monotonic_ns``); the shard stamps its start
+and end. A transport whose shards share the caller's clock (child processes
+on this machine: CLOCK_MONOTONIC is system-wide) passes no ``shard_clock`` to
+:meth:`Router.results` and the stamps compare as they are; one whose shards may
+be on another host (Ray) passes the shard's clock reading when it packed the
+outcomes, and the router maps the shard's stamps onto its own clock with the
+offset ``(its clock at receipt) - shard_clock``: run times stay exact, wait
+times include the outcomes' trip back (at most a few ms).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import heapq
 import itertools
 import pickle
 import threading
@@ -49,6 +61,7 @@ from typing import Any, Callable, Generic, Iterable, Iterator, ParamSpec, Protoc
 from . import _lifecycle
 from ._future import KeyedFuture
 from ._report import log_task_error, report_failure
+from ._timings import HotKey, Recorder, Timings, check_n, hot_keys, timings_from
 from ._typevars import K
 from .errors import QueueFull, ShardLost
 from .executor import (
@@ -61,14 +74,17 @@ from .executor import (
     _submit_next,
 )
 
-__all__ = ["RemoteError", "RoutedExecutor", "Router", "ShardHost", "Transport"]
+__all__ = ["DEFAULT_SAMPLE_TIMINGS", "RemoteError", "RoutedExecutor", "Router", "ShardHost", "Transport"]
 
 R = TypeVar("R")
 P = ParamSpec("P")
 Batch = tuple[list[tuple[int, Any, bytes]], list[tuple[int, Any, int]]]
-Outcome = tuple[int, int, Any]
+Outcome = tuple[int, int, Any, int, int]
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
+#: The routed executors' default ``sample_timings``: every task (KeyedExecutor
+#: times 1 in 32). Two clock reads are nothing next to a task's trip to a shard.
+DEFAULT_SAMPLE_TIMINGS = 1
 # Outcome statuses.
 OK, OK_PICKLED, RAISED, CANCELLED, CANCEL_DONE = range(5)
 # Control kinds.
@@ -157,13 +173,18 @@ class ShardHost:
     ``deliver`` is called with each batch as it arrives (from one thread);
     ``take_results`` returns the outcomes gathered since its last call (from
     one other thread); ``close`` lets the local executor finish its tasks.
+    ``slow_task_threshold`` is the local executor's: a slow task is logged
+    here, on this process's ``"keyedexec"`` logger, as ``f"{name}-shard"``.
     """
 
-    def __init__(self, workers: int, epoch: int) -> None:
+    def __init__(self, workers: int, epoch: int, *, name: str = "keyedexec",
+                 slow_task_threshold: float | None = None) -> None:
         self.epoch = epoch
         self.finished = False
+        # The router times tasks from the stamps of _run: the local executor need not.
         self._local: KeyedExecutor[Any] = KeyedExecutor(
-            workers, name="keyedexec-shard", on_error=_shard_bug
+            workers, name=f"{name}-shard", on_error=_shard_bug, sample_timings=0,
+            slow_task_threshold=slow_task_threshold,
         )
         self._execute = self._local.execute
         self._sequencer = Sequencer()
@@ -200,6 +221,7 @@ class ShardHost:
             execute(key, run, tid, key, payload)
 
     def _run(self, tid: int, key: Any, payload: bytes) -> None:
+        started = time.monotonic_ns()
         with self._lock:
             q = self._queued[key]
             q.popleft()
@@ -215,10 +237,10 @@ class ShardHost:
                 ) from exc
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            item = (tid, RAISED, encode_exception(exc))
+            status, encoded = RAISED, encode_exception(exc)
         else:
-            item = _encode_value(tid, value)
-        self._post(item)
+            status, encoded = _encode_value(value)
+        self._post((tid, status, encoded, started, time.monotonic_ns()))
 
     def _post(self, *items: Outcome) -> None:
         self._outbox.extend(items)
@@ -239,8 +261,8 @@ class ShardHost:
                     cancelled.extend(reversed([q.pop() for _ in range(n)]))
                     if not q:
                         del self._queued[k]
-        self._post(*[(tid, CANCELLED, None) for tid in cancelled],
-                   (request, CANCEL_DONE, len(cancelled)))
+        self._post(*[(tid, CANCELLED, None, 0, 0) for tid in cancelled],
+                   (request, CANCEL_DONE, len(cancelled), 0, 0))
 
     def take_results(self, timeout: float | None = None) -> list[Outcome]:
         """The outcomes since the last call; waits up to ``timeout`` for one
@@ -258,16 +280,16 @@ class ShardHost:
         self._ready.set()
 
 
-def _encode_value(tid: int, value: Any) -> Outcome:
+def _encode_value(value: Any) -> tuple[int, Any]:
     if type(value) in _PLAIN:
-        return (tid, OK, value)
+        return OK, value
     try:
-        return (tid, OK_PICKLED, pickle.dumps(value, _PICKLE))
+        return OK_PICKLED, pickle.dumps(value, _PICKLE)
     except Exception as exc:
         err = pickle.PicklingError(
             f"the task's result ({type(value).__name__}) could not be pickled: {exc}"
         )
-        return (tid, RAISED, encode_exception(err))
+        return RAISED, encode_exception(err)
 
 
 def _shard_bug(key: Any, exc: BaseException) -> None:
@@ -313,12 +335,14 @@ def _mix(x: int) -> int:
 
 
 class _Task:
-    __slots__ = ("tid", "key", "entry", "payload", "future", "forget", "sends")
+    __slots__ = ("tid", "key", "entry", "payload", "future", "forget", "sends", "stamp",
+                 "timed")
 
     def __init__(self, tid: int, key: Any, entry: list[Any], payload: bytes,
-                 future: KeyedFuture[Any], forget: bool) -> None:
+                 future: KeyedFuture[Any], forget: bool, stamp: int, timed: bool) -> None:
         self.tid, self.key, self.entry, self.payload = tid, key, entry, payload
         self.future, self.forget, self.sends = future, forget, 0
+        self.stamp, self.timed = stamp, timed  # submit time (monotonic ns); sampled
 
 
 class _Reply:
@@ -376,6 +400,7 @@ class Router:
         on_error: Callable[[Any, BaseException], object],
         broken_error: Callable[[str], BaseException],
         submit_timeout: float | None = None,
+        sample_timings: int = 1,
         encode: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], bytes] = (
             encode_task),
     ) -> None:
@@ -407,6 +432,7 @@ class Router:
         self.counts = dict.fromkeys(
             ("submitted", "completed", "failed", "cancelled", "lost", "retried",
              "restarts", "recycled"), 0)
+        self._timing = Recorder(sample_timings)
         self._flusher = threading.Thread(target=self._flush_loop, name="keyedexec-flusher",
                                          daemon=True)
 
@@ -459,7 +485,8 @@ class Router:
             entry = self._keys.get(key)
             if entry is None:
                 entry = self._keys[key] = [self._pick(hash(key)), deque()]
-            task = _Task(next(self._tids), key, entry, payload, future, forget)
+            task = _Task(next(self._tids), key, entry, payload, future, forget,
+                         time.monotonic_ns(), self._timing.take())
             entry[1].append(task)
             shard: _Shard = entry[0]
             shard.pending.append(task)
@@ -570,16 +597,21 @@ class Router:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def results(self, index: int, epoch: int, items: list[Outcome]) -> None:
-        """Outcomes from shard ``index`` at ``epoch``, in the order they happened."""
+    def results(self, index: int, epoch: int, items: list[Outcome],
+                shard_clock: int | None = None) -> None:
+        """Outcomes from shard ``index`` at ``epoch``, in the order they happened.
+        ``shard_clock``: the shard's monotonic clock (ns) when it sent them, if
+        it is not this process's (see the module docstring)."""
         done = []
         replies = []
+        offset = 0 if shard_clock is None else time.monotonic_ns() - shard_clock
         with self._lock:
             shard = self._shards[index]
             if epoch != shard.epoch:
                 return
             unacked = shard.unacked
-            for tid, status, value in items:
+            record = self._timing.record
+            for tid, status, value, started, ended in items:
                 if status == CANCEL_DONE:
                     reply = shard.replies.pop(tid, None)
                     if reply is not None:
@@ -589,6 +621,8 @@ class Router:
                 task = unacked.pop(tid, None)
                 if task is not None:
                     done.append((task, status, value))
+                    if task.timed and started:
+                        record(task.stamp, started + offset, ended + offset)
             self._in_flight -= len(done)
         _in_callback.active = True
         try:
@@ -935,6 +969,37 @@ class Router:
             return {**self.counts, "pending": self._unfinished, "in_flight": self._in_flight,
                     "active_keys": len(self._keys)}
 
+    def timings(self) -> Timings:
+        with self._lock:
+            return timings_from(self._timing.raw())
+
+    def hot_keys(self, n: int) -> list[HotKey]:
+        """The ``n`` keys with the most tasks waiting (see RoutedExecutor.hot_keys).
+
+        One pass over the keys, CHUNK keys per hold of the lock, keeping the
+        best ``n`` (a heap): submits and outcomes wait at most one chunk."""
+        with self._lock:
+            keys = list(self._keys)
+        best: list[tuple[int, bool, int, Any]] = []
+        for start in range(0, len(keys), _HOT_CHUNK):
+            found = []
+            with self._lock:
+                get = self._keys.get
+                now = time.monotonic_ns()
+                for key in keys[start:start + _HOT_CHUNK]:
+                    entry = get(key)
+                    if entry is None:
+                        continue  # finished meanwhile
+                    tasks = entry[1]
+                    # A key's first task, once sent, runs (or is next to) in its shard.
+                    running = tasks[0].tid in entry[0].unacked
+                    queued = len(tasks) - running
+                    oldest = now - tasks[running].stamp if queued else -1
+                    found.append((queued, running, oldest, key))
+            best = heapq.nlargest(n, best + found, key=_hot_rank)
+        return hot_keys([(key, queued, running, None if oldest < 0 else max(0, oldest))
+                         for queued, running, oldest, key in best], n)
+
     @property
     def closed(self) -> bool:
         return self._closed is not None
@@ -967,6 +1032,14 @@ class Router:
         self._transport = _Inert()
 
 
+# Keys hot_keys reads per hold of the router's lock (about 1 ms).
+_HOT_CHUNK = 2048
+
+
+def _hot_rank(item: tuple[int, bool, int, Any]) -> tuple[int, bool, int]:
+    return item[0], item[1], item[2]
+
+
 _COUNTER = {OK: "completed", OK_PICKLED: "completed", RAISED: "failed", CANCELLED: "cancelled"}
 
 
@@ -991,6 +1064,7 @@ class RoutedExecutor(Generic[K]):
 
     _router: Router
     _workers: int
+    _name: str
 
     def _attach(self, router: Router) -> None:
         self._router = router
@@ -1094,6 +1168,40 @@ class RoutedExecutor(Generic[K]):
     def stats(self) -> Stats:
         """``Stats(workers, pending)``: workers in all shards, unfinished tasks."""
         return Stats(self._workers, self._router.snapshot()["pending"])
+
+    def timings(self) -> Timings:
+        """Wait (submit -> start) and run (start -> end) time histograms of the
+        timed tasks that ran (one in ``sample_timings``), since creation.
+
+        Each task is stamped here at submit and in its shard at start and at
+        end; a task's times are recorded when its outcome comes back. Run
+        times are exact; wait times include the trip of the task to its shard
+        and its wait there. On Ray, where an actor's clock may not be this
+        machine's, they also include the outcome's trip back (at most a few
+        ms: see ``keyedexec._router``). A task sent again after its shard was
+        lost waits from its first submit. Tasks that never ran, or whose
+        shard was lost, are not timed."""
+        return self._router.timings()
+
+    def hot_keys(self, n: int = 10) -> list[HotKey]:
+        """The ``n`` keys with the most queued tasks, most first: each with its
+        queued count, whether it runs now, and how long its oldest queued task
+        has waited (see ``KeyedExecutor.hot_keys``).
+
+        Read from this process's own records, without asking the shards: a
+        key *runs* when its first unfinished task has been sent to its shard
+        and its outcome is not back yet (it runs there, or has just ended);
+        its other unfinished tasks are *queued*, here or in the shard. The
+        waits count from submit. One pass over the keys with unfinished tasks
+        (about 1 us each), holding submits up for about a millisecond at a
+        time. Not one snapshot: keys come and go during the pass.
+        """
+        return self._router.hot_keys(check_n(n))
+
+    @property
+    def name(self) -> str:
+        """The ``name`` given to the constructor (processes, logs, exporters)."""
+        return self._name
 
     @property
     def closed(self) -> bool:

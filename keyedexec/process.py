@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from ._report import log_task_error, report_failure
 from ._router import (
+    DEFAULT_SAMPLE_TIMINGS,
     Batch,
     RoutedExecutor,
     Router,
@@ -35,7 +36,12 @@ from ._router import (
     encode_exception,
 )
 from ._typevars import K
-from .executor import _check_count, _check_timeout
+from .executor import (
+    _UINT32_MAX,
+    _check_count,
+    _check_threshold,
+    _check_timeout,
+)
 
 __all__ = ["BrokenProcessPool", "ProcessKeyedExecutor", "ProcessMetrics"]
 
@@ -116,6 +122,14 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
     ``max_pending`` bounds the unfinished tasks: ``submit`` blocks until one
     finishes (Ctrl-C works there). Done-callbacks and ``on_error`` run in the
     executor's receiver thread: keep them short.
+
+    Operating it: :meth:`hot_keys`, :meth:`timings` (``sample_timings=N``
+    times one task in N; default 1, every task: two clock reads per task are
+    nothing next to its trip through a pipe) and ``keyedexec.contrib``'s
+    exporters, as for KeyedExecutor. ``slow_task_threshold=seconds`` logs a
+    task that runs longer, once, with its key, from its child: on the child's
+    ``"keyedexec"`` logger (WARNING; unconfigured, that is the child's stderr,
+    which it shares with this process), as ``f"{name}-shard"``.
     """
 
     def __init__(
@@ -134,6 +148,8 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
         linger: float = 0.0005,
         on_error: Callable[[Any, BaseException], object] | None = None,
         name: str = "keyedexec",
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
+        slow_task_threshold: float | None = None,
     ) -> None:
         processes = _default_processes() if processes is None else _check_count(
             "processes", processes)
@@ -170,6 +186,9 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        _check_count("sample_timings", sample_timings, minimum=0, maximum=_UINT32_MAX)
+        slow_task_threshold = _check_threshold("slow_task_threshold", slow_task_threshold)
+        self._name = name
         self._workers = processes * workers_per_process
         self._processes = processes
         router = Router(
@@ -182,9 +201,10 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
             max_pending=max_pending,
             on_error=on_error or log_task_error,
             broken_error=BrokenProcessPool,
+            sample_timings=sample_timings,
         )
         self._transport = _PipeTransport(router, ctx, workers_per_process, initializer,
-                                         initargs, name)
+                                         initargs, name, slow_task_threshold)
         try:
             router.start(self._transport)
         except BaseException:
@@ -269,8 +289,9 @@ class _PipeTransport:
 
     def __init__(self, router: Router, ctx: multiprocessing.context.BaseContext, workers: int,
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
-                 name: str) -> None:
+                 name: str, slow_task_threshold: float | None) -> None:
         self._router = router
+        self._slow_task_threshold = slow_task_threshold
         self._ctx = ctx
         self._workers = workers
         self._initializer = initializer
@@ -290,7 +311,8 @@ class _PipeTransport:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_child_main,
-            args=(child_conn, epoch, self._workers, self._initializer, self._initargs),
+            args=(child_conn, epoch, self._workers, self._initializer, self._initargs,
+                  self._name, self._slow_task_threshold),
             name=f"{self._name}-process-{shard}",
         )
         try:
@@ -491,7 +513,8 @@ class _PipeTransport:
 
 
 def _child_main(conn: Any, epoch: int, workers: int,
-                initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> None:
+                initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
+                name: str, slow_task_threshold: float | None) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # (it shuts the children down, or dies and they follow).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -501,7 +524,7 @@ def _child_main(conn: Any, epoch: int, workers: int,
         except BaseException as exc:
             conn.send_bytes(pickle.dumps((_INIT_FAILED, encode_exception(exc)), _PICKLE))
             raise SystemExit(1) from None
-    host = ShardHost(workers, epoch)
+    host = ShardHost(workers, epoch, name=name, slow_task_threshold=slow_task_threshold)
     reporter = threading.Thread(target=_report_loop, args=(host, conn),
                                 name="keyedexec-reporter", daemon=True)
     reporter.start()

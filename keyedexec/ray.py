@@ -30,9 +30,9 @@ import ray.cloudpickle
 import ray.exceptions
 
 from ._report import log_task_error, report_failure
-from ._router import Batch, RoutedExecutor, Router, ShardHost
+from ._router import DEFAULT_SAMPLE_TIMINGS, Batch, RoutedExecutor, Router, ShardHost
 from ._typevars import K
-from .executor import _check_count, _check_timeout
+from .executor import _UINT32_MAX, _check_count, _check_name, _check_threshold, _check_timeout
 
 __all__ = ["BrokenActorPool", "RayKeyedExecutor", "RayMetrics"]
 
@@ -90,8 +90,10 @@ class RayMetrics(NamedTuple):
 class _ShardActor:
     """One shard at one epoch: a ShardHost behind Ray calls (run on several threads)."""
 
-    def __init__(self, epoch: int, workers: int) -> None:
-        self._host = ShardHost(workers, epoch)
+    def __init__(self, epoch: int, workers: int, name: str = "keyedexec",
+                 slow_task_threshold: float | None = None) -> None:
+        self._host = ShardHost(workers, epoch, name=name,
+                               slow_task_threshold=slow_task_threshold)
         self._lock = threading.Lock()  # the host admits batches from one thread at a time
         self._next_report = 0.0
 
@@ -99,15 +101,17 @@ class _ShardActor:
         with self._lock:
             self._host.deliver(epoch, seq, batch)
 
-    def take_results(self, timeout: float) -> tuple[list[Any], bool]:
-        """The outcomes so far, and whether they are the last (read before taking)."""
+    def take_results(self, timeout: float) -> tuple[list[Any], bool, int]:
+        """The outcomes so far, whether they are the last (read before taking),
+        and this actor's monotonic clock (ns) as they leave: their stamps' offset."""
         early = self._next_report - time.monotonic()
         if early > 0:
             time.sleep(early)  # a rate limit: outcomes gather meanwhile
         finished = self._host.finished
         items = self._host.take_results(timeout)
-        self._next_report = time.monotonic() + _REPORT_INTERVAL
-        return items, finished
+        now = time.monotonic_ns()
+        self._next_report = now / 1e9 + _REPORT_INTERVAL
+        return items, finished, now
 
     def close(self) -> None:
         self._host.close()
@@ -155,9 +159,10 @@ class _RayTransport:
     """The router's transport to Ray actors (see the module docstring)."""
 
     def __init__(self, router: Router, workers: int, options: dict[str, Any],
-                 max_calls: int) -> None:
+                 max_calls: int, name: str, slow_task_threshold: float | None) -> None:
         self._router = router
         self._workers = workers
+        self._shard_args = (name, slow_task_threshold)
         self._options = options
         self._max_calls = max_calls
         self._lock = threading.Lock()
@@ -170,7 +175,8 @@ class _RayTransport:
         self._done = threading.Event()
 
     def start(self, shard: int, epoch: int) -> None:
-        handle = _remote_class().options(**self._options).remote(epoch, self._workers)
+        handle = _remote_class().options(**self._options).remote(
+            epoch, self._workers, *self._shard_args)
         actor = _Actor(shard, epoch, handle)
         actor.poll = handle.take_results.remote(_POLL)
         with self._lock:
@@ -266,12 +272,12 @@ class _RayTransport:
 
     def _answer(self, actor: _Actor, ref: Any) -> None:
         try:
-            items, finished = ray.get(ref)
+            items, finished, clock = ray.get(ref)
         except ray.exceptions.RayError as exc:
             self._bury(actor, exc)
             return
         if items:
-            self._router.results(actor.shard, actor.epoch, items)
+            self._router.results(actor.shard, actor.epoch, items, clock)
         if finished:  # stopped, and everything it ran is reported
             self._remove(actor)
         else:
@@ -353,6 +359,14 @@ class RayKeyedExecutor(RoutedExecutor[K]):
     finishes (Ctrl-C works there), or raises :class:`keyedexec.QueueFull` once
     ``submit_timeout`` seconds have passed. Done-callbacks and ``on_error`` run
     in the executor's receiver thread: keep them short.
+
+    Operating it: :meth:`hot_keys`, :meth:`timings` (``sample_timings=N``
+    times one task in N; default 1, every task) and ``keyedexec.contrib``'s
+    exporters, under ``name``, as for KeyedExecutor. ``slow_task_threshold=
+    seconds`` logs a task that runs longer, once, with its key, from its
+    actor: on the actor's ``"keyedexec"`` logger (WARNING), as
+    ``f"{name}-shard"``; it lands in the actor's log files and, with Ray's
+    ``log_to_driver`` (its default), on the driver's stderr.
     """
 
     def __init__(
@@ -371,6 +385,9 @@ class RayKeyedExecutor(RoutedExecutor[K]):
         batch_size: int = 256,
         linger: float = 0.0005,
         on_error: Callable[[Any, BaseException], object] | None = None,
+        name: str = "keyedexec",
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
+        slow_task_threshold: float | None = None,
     ) -> None:
         if actors is not None:
             _check_count("actors", actors)
@@ -403,6 +420,9 @@ class RayKeyedExecutor(RoutedExecutor[K]):
             raise TypeError("linger must be a number of seconds, got None")
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
+        self._name = _check_name(name)
+        _check_count("sample_timings", sample_timings, minimum=0, maximum=_UINT32_MAX)
+        slow_task_threshold = _check_threshold("slow_task_threshold", slow_task_threshold)
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -434,10 +454,11 @@ class RayKeyedExecutor(RoutedExecutor[K]):
                 on_error=on_error or log_task_error,
                 broken_error=BrokenActorPool,
                 submit_timeout=submit_timeout,
+                sample_timings=sample_timings,
                 encode=_encode,
             )
             self._transport = _RayTransport(router, workers_per_actor, options,
-                                            max_calls_in_flight)
+                                            max_calls_in_flight, name, slow_task_threshold)
             try:
                 router.start(self._transport)
             except BaseException:

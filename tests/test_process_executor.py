@@ -399,7 +399,7 @@ def test_shard_host_admits_out_of_order_batches_in_sequence() -> None:
         if not items:
             break
         got.extend(items)
-    assert sorted(tid for tid, _s, _v in got) == [0, 1, 2]
+    assert sorted(item[0] for item in got) == [0, 1, 2]
     assert host.out_of_order == 1
 
 

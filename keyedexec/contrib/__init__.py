@@ -6,19 +6,23 @@
   metrics instruments.
 
 Importing ``keyedexec`` imports none of them, nor the libraries they need.
-Both cover KeyedExecutor, TaskPool and AsyncKeyedExecutor: anything with
-``name``, ``metrics()``, ``timings()`` and ``hot_keys(n)`` (:class:`Observed`).
-The Ray and process executors are not there yet; they will be covered by
-the same protocol when they land.
+Both cover KeyedExecutor, TaskPool, AsyncKeyedExecutor, ProcessKeyedExecutor
+and RayKeyedExecutor: anything with ``name``, ``metrics()``, ``timings()`` and
+``hot_keys(n)`` (:class:`Observed`), its ``metrics()`` read by field name
+(:func:`readings`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .._router import RoutedExecutor
 from .._timings import HotKey, Timings
 
-__all__ = ["KEY_LABEL_MAX", "Observed", "check_hot_keys", "executor_name", "key_labels", "sampling"]
+__all__ = [
+    "COUNTERS", "GAUGES", "KEY_LABEL_MAX", "ROUTED_COUNTERS", "ROUTED_GAUGES", "Observed",
+    "check_hot_keys", "executor_name", "key_labels", "readings", "sampling",
+]
 
 
 class Observed(Protocol):
@@ -32,6 +36,46 @@ class Observed(Protocol):
     def timings(self) -> Timings: ...
 
     def hot_keys(self, n: int = 10) -> list[HotKey]: ...
+
+
+#: (reading, description): counters every executor has...
+COUNTERS = [
+    ("submitted", "Tasks accepted"),
+    ("completed", "Tasks that ran to the end, returning or raising"),
+    ("failed", "Tasks that raised (also counted in completed)"),
+    ("cancelled", "Tasks that never ran: cancelled, skipped, or dropped"),
+]
+#: ... and gauges.
+GAUGES = [
+    ("pending", "Tasks queued, not started (processes, Ray: not yet sent to a shard)"),
+    ("running", "Tasks running now (processes, Ray: sent to a shard and not back, "
+                "running or queued there)"),
+    ("active_keys", "Keys with queued or running tasks"),
+    ("workers", "Worker threads (runner tasks for asyncio; all shards' for processes, Ray)"),
+]
+#: Those of the executors whose tasks run elsewhere (processes, Ray).
+ROUTED_COUNTERS = [
+    ("lost", "Tasks failed with ShardLost: their shard died before reporting them"),
+    ("retried", "Tasks sent again after their shard died (on_loss='retry')"),
+    ("restarts", "Shards (child processes, Ray actors) replaced after dying"),
+    ("recycled", "Shards replaced after their max_tasks_per_* tasks"),
+]
+ROUTED_GAUGES = [
+    ("shards", "Shards: child processes alive, or Ray actors taking keys"),
+]
+
+
+def readings(executor: Observed) -> dict[str, int]:
+    """``executor.metrics()`` as the exporters name its figures (COUNTERS and
+    GAUGES, plus ROUTED_* for the executors whose tasks run in other
+    processes)."""
+    m: dict[str, int] = executor.metrics()._asdict()
+    if not isinstance(executor, RoutedExecutor):
+        return m
+    in_flight = m["in_flight"]
+    shards = m["children"] if "children" in m else m["actors"]
+    return {**m, "pending": m["pending"] - in_flight, "running": in_flight,
+            "workers": executor.stats().workers, "shards": shards}
 
 
 def check_hot_keys(n: object) -> int:

@@ -14,7 +14,12 @@ the default ``prefix="keyedexec"``:
 
 * counters ``keyedexec.tasks.{submitted,completed,failed,cancelled}``;
 * up-down counters ``keyedexec.tasks.pending``, ``keyedexec.tasks.running``,
-  ``keyedexec.active_keys``, ``keyedexec.workers``;
+  ``keyedexec.active_keys``, ``keyedexec.workers``; for ProcessKeyedExecutor
+  and RayKeyedExecutor, ``pending`` counts the tasks not yet sent to a shard
+  and ``running`` those sent and not back (running or queued there);
+* for those two only: counters ``keyedexec.tasks.{lost,retried}``,
+  ``keyedexec.shard.{restarts,recycled}`` and the up-down counter
+  ``keyedexec.shards`` (children alive, or actors);
 * the two histograms. OpenTelemetry has no observable histogram, and
   recording each timed duration again through a synchronous one would cost
   per task what the core avoids; so each is exported as its buckets, the
@@ -42,22 +47,29 @@ from typing import Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from .._timings import Histogram, HotKey
-from . import Observed, check_hot_keys, executor_name, key_labels
+from . import (
+    COUNTERS,
+    GAUGES,
+    ROUTED_COUNTERS,
+    ROUTED_GAUGES,
+    Observed,
+    check_hot_keys,
+    executor_name,
+    key_labels,
+    readings,
+)
 
 __all__ = ["instrument"]
 
-_COUNTERS = [
-    ("submitted", 4, "Tasks accepted"),
-    ("completed", 5, "Tasks that ran to the end, returning or raising"),
-    ("failed", 6, "Tasks that raised (also counted in completed)"),
-    ("cancelled", 7, "Tasks that never ran: cancelled, skipped, or dropped"),
-]
-_GAUGES = [
-    ("tasks.pending", 2, "{task}", "Tasks queued, not started"),
-    ("tasks.running", 1, "{task}", "Tasks running now"),
-    ("active_keys", 3, "{key}", "Keys with queued or running tasks"),
-    ("workers", 0, "{thread}", "Worker threads (runner tasks for asyncio) alive"),
-]
+# Instrument name (after the prefix) and unit of each reading.
+_NAMES = {
+    **{field: (f"tasks.{field}", "{task}") for field, _doc in COUNTERS},
+    "pending": ("tasks.pending", "{task}"), "running": ("tasks.running", "{task}"),
+    "active_keys": ("active_keys", "{key}"), "workers": ("workers", "{thread}"),
+    "lost": ("tasks.lost", "{task}"), "retried": ("tasks.retried", "{task}"),
+    "restarts": ("shard.restarts", "{shard}"), "recycled": ("shard.recycled", "{shard}"),
+    "shards": ("shards", "{shard}"),
+}
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
@@ -95,13 +107,15 @@ class _Instruments:
         self._lock = threading.Lock()
         self._exported: dict[str, _Exported] = {}
         self._hot_gauges = False
-        for field, index, doc in _COUNTERS:
+        for field, doc in COUNTERS + ROUTED_COUNTERS:
+            name, unit = _NAMES[field]
             meter.create_observable_counter(
-                f"{prefix}.tasks.{field}", [self._metric(index)], unit="{task}", description=doc
+                f"{prefix}.{name}", [self._metric(field)], unit=unit, description=doc
             )
-        for field, index, unit, doc in _GAUGES:
+        for field, doc in GAUGES + ROUTED_GAUGES:
+            name, unit = _NAMES[field]
             meter.create_observable_up_down_counter(
-                f"{prefix}.{field}", [self._metric(index)], unit=unit, description=doc
+                f"{prefix}.{name}", [self._metric(field)], unit=unit, description=doc
             )
         for what, doc in (("wait", "Submit to start"), ("run", "Start to end")):
             name = f"{prefix}.task.{what}"
@@ -142,9 +156,14 @@ class _Instruments:
             exported = list(self._exported.values())
         return [(e, ex) for e in exported if (ex := e.ref()) is not None]
 
-    def _metric(self, index: int) -> Callback:
+    def _metric(self, field: str) -> Callback:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(ex.metrics()[index], e.attrs) for e, ex in self._live()]
+            out = []
+            for e, ex in self._live():
+                m = readings(ex)
+                if field in m:  # the routed executors' own figures
+                    out.append(Observation(m[field], e.attrs))
+            return out
         return observe
 
     def _histogram(self, what: str, part: str) -> Callback:

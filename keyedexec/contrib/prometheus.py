@@ -13,7 +13,13 @@ the default ``namespace="keyedexec"`` the families are (every sample labelled
 
 * counters ``keyedexec_tasks_{submitted,completed,failed,cancelled}_total``;
 * gauges ``keyedexec_tasks_pending`` (queued), ``keyedexec_tasks_running``,
-  ``keyedexec_active_keys``, ``keyedexec_workers``;
+  ``keyedexec_active_keys``, ``keyedexec_workers``; for ProcessKeyedExecutor
+  and RayKeyedExecutor, ``pending`` counts the tasks not yet sent to a shard
+  and ``running`` those sent and not back (running or queued there);
+* for those two only (the families appear once one is exported): counters
+  ``keyedexec_tasks_{lost,retried}_total``,
+  ``keyedexec_shard_{restarts,recycled}_total`` and the gauge
+  ``keyedexec_shards`` (children alive, or actors);
 * histograms ``keyedexec_task_wait_seconds`` (submit -> start) and
   ``keyedexec_task_run_seconds`` (start -> end) over the *timed* tasks: one
   in ``sample_timings`` (the HELP text says how many), so ``_count`` is not
@@ -39,22 +45,28 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from .._timings import Histogram
-from . import Observed, check_hot_keys, executor_name, key_labels, sampling
+from . import (
+    COUNTERS,
+    GAUGES,
+    ROUTED_COUNTERS,
+    ROUTED_GAUGES,
+    Observed,
+    check_hot_keys,
+    executor_name,
+    key_labels,
+    readings,
+    sampling,
+)
 
 __all__ = ["KeyedExecutorCollector"]
 
-_COUNTERS = [
-    ("submitted", 4, "Tasks accepted"),
-    ("completed", 5, "Tasks that ran to the end, returning or raising"),
-    ("failed", 6, "Tasks that raised (also counted in completed)"),
-    ("cancelled", 7, "Tasks that never ran: cancelled, skipped, or dropped"),
-]
-_GAUGES = [
-    ("tasks_pending", 2, "Tasks queued, not started"),
-    ("tasks_running", 1, "Tasks running now"),
-    ("active_keys", 3, "Keys with queued or running tasks"),
-    ("workers", 0, "Worker threads (runner tasks for asyncio) alive"),
-]
+# Family name (after the namespace) of each reading.
+_NAMES = {
+    **{field: f"tasks_{field}" for field, _doc in COUNTERS},
+    "pending": "tasks_pending", "running": "tasks_running", "active_keys": "active_keys",
+    "workers": "workers", "lost": "tasks_lost", "retried": "tasks_retried",
+    "restarts": "shard_restarts", "recycled": "shard_recycled", "shards": "shards",
+}
 
 
 def _le(bound: float) -> str:
@@ -62,8 +74,8 @@ def _le(bound: float) -> str:
 
 
 class KeyedExecutorCollector(Collector):
-    """Exports executors (KeyedExecutor, TaskPool, AsyncKeyedExecutor): the
-    one given here, and those :meth:`add` adds. One collector per registry:
+    """Exports executors (KeyedExecutor, TaskPool, AsyncKeyedExecutor,
+    ProcessKeyedExecutor, RayKeyedExecutor): the one given here, and those :meth:`add` adds. One collector per registry:
     a registry refuses two collectors of the same metric names.
 
     ``name`` (default: the executor's) is its ``executor`` label. ``hot_keys``
@@ -100,25 +112,31 @@ class KeyedExecutorCollector(Collector):
 
     def describe(self) -> list[Metric]:
         # The names, for the registry's clash check, without reading the executors.
-        return list(self._families([]))
+        return list(self._families([], every_family=True))
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             exported = [(name, ref(), n) for name, (ref, n) in self._exported.items()]
         yield from self._families([(name, ex, n) for name, ex, n in exported if ex is not None])
 
-    def _families(self, exported: list[tuple[str, Observed, int]]) -> Iterator[Metric]:
+    def _families(self, exported: list[tuple[str, Observed, int]],
+                  every_family: bool = False) -> Iterator[Metric]:
         p, labels = self._prefix, ["executor"]
-        metrics = [(name, ex.metrics()) for name, ex, _n in exported]
-        for field, index, doc in _COUNTERS:
-            c = CounterMetricFamily(f"{p}tasks_{field}", doc + ".", labels=labels)
+        metrics = [(name, readings(ex)) for name, ex, _n in exported]
+        routed = every_family or any("shards" in m for _name, m in metrics)
+        counters = COUNTERS + (ROUTED_COUNTERS if routed else [])
+        gauges = GAUGES + (ROUTED_GAUGES if routed else [])
+        for field, doc in counters:
+            c = CounterMetricFamily(f"{p}{_NAMES[field]}", doc + ".", labels=labels)
             for name, m in metrics:
-                c.add_metric([name], m[index])
+                if field in m:
+                    c.add_metric([name], m[field])
             yield c
-        for field, index, doc in _GAUGES:
-            g = GaugeMetricFamily(f"{p}{field}", doc + ".", labels=labels)
+        for field, doc in gauges:
+            g = GaugeMetricFamily(f"{p}{_NAMES[field]}", doc + ".", labels=labels)
             for name, m in metrics:
-                g.add_metric([name], m[index])
+                if field in m:
+                    g.add_metric([name], m[field])
             yield g
         timings = [(name, ex.timings()) for name, ex, _n in exported]
         every = ", ".join(f"{name}: {sampling(t.sample_every)}" for name, t in timings)
