@@ -147,6 +147,62 @@ def _blocker(ex: RayKeyedExecutor[Any], key: Any, tmp: Path) -> tuple[Path, cf.F
     return gate, fut
 
 
+# -- operating it: hot keys, timings, exporters --------------------------------------------
+
+
+def test_hot_keys_timings_and_exporters(cluster: str, tmp_path: Path) -> None:
+    """After a known workload (3 tasks that return, 1 that raises, then "busy"
+    held with 2 tasks behind it): hot_keys, timings, a real prometheus_client
+    registry and an OpenTelemetry in-memory reader agree with it."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    pytest.importorskip("opentelemetry.sdk.metrics")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from test_contrib import one, otel_points, scrape
+
+    from keyedexec.contrib.otel import instrument
+    from keyedexec.contrib.prometheus import KeyedExecutorCollector
+
+    with fresh(1, 1, name="rayex", on_error=lambda key, exc: None) as rex:
+        with pytest.raises(ValueError):
+            rex.hot_keys(0)
+        assert [rex.submit(i, tasks.identity, i).result(WAIT) for i in range(3)] == [0, 1, 2]
+        rex.execute("bad", tasks.raise_value_error, 1)
+        assert wait_until(lambda: rex.metrics().completed == 4, WAIT)
+        gate, held = _blocker(rex, "busy", tmp_path)
+        for i in range(2):
+            rex.execute("busy", tasks.identity, i)
+        assert wait_until(lambda: rex.metrics().in_flight == 3, WAIT)
+        [hot] = rex.hot_keys()
+        assert (hot.key, hot.queued, hot.running) == ("busy", 2, True)
+        t = rex.timings()
+        assert (t.sample_every, t.wait.count, t.run.count) == (1, 4, 4)
+
+        registry = prometheus_client.CollectorRegistry()
+        KeyedExecutorCollector(rex, registry=registry)
+        s = scrape(registry)
+        ex_ = {"executor": "rayex"}
+        assert one(s["keyedexec_tasks_submitted_total"], **ex_) == 7
+        assert one(s["keyedexec_tasks_failed_total"], **ex_) == 1
+        assert one(s["keyedexec_tasks_lost_total"], **ex_) == 0
+        assert one(s["keyedexec_shards"], **ex_) == 1
+        assert one(s["keyedexec_tasks_running"], **ex_) == 3
+        assert one(s["keyedexec_task_run_seconds_count"], **ex_) == 4
+        assert s["keyedexec_hot_key_queued_tasks"] == {
+            (("executor", "rayex"), ("key", "busy")): 2}
+
+        reader = InMemoryMetricReader()
+        instrument(rex, MeterProvider(metric_readers=[reader]).get_meter("t"), hot_keys=1)
+        p = otel_points(reader)
+        attrs = {"keyedexec.executor": "rayex"}
+        assert one(p["keyedexec.tasks.completed"], **attrs) == 4
+        assert one(p["keyedexec.task.wait.count"], **attrs) == 4
+        assert one(p["keyedexec.hot_key.queued"], **{"keyedexec.key": "busy"}, **attrs) == 2
+        gate.touch()
+        assert held.result(WAIT) == "opened"
+        assert wait_until(lambda: rex.timings().run.count == 7, WAIT)
+
+
 # -- order, outcomes ----------------------------------------------------------------------
 
 
@@ -246,6 +302,10 @@ def test_bad_keys_are_refused_at_submit(ex: RayKeyedExecutor[Any]) -> None:
         ({"actor_options": 3}, TypeError, "actor_options"),
         ({"address": "auto"}, ValueError, "already initialised"),
         ({"on_error": 3}, TypeError, "on_error"),
+        ({"name": 3}, TypeError, "name"),
+        ({"sample_timings": -1}, ValueError, "sample_timings"),
+        ({"sample_timings": "1"}, TypeError, "sample_timings"),
+        ({"slow_task_threshold": 0}, ValueError, "slow_task_threshold"),
     ],
 )
 def test_bad_arguments(cluster: str, kwargs: dict[str, Any], error: type[Exception],
