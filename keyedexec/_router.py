@@ -74,7 +74,8 @@ from .executor import (
     _submit_next,
 )
 
-__all__ = ["DEFAULT_SAMPLE_TIMINGS", "RemoteError", "RoutedExecutor", "Router", "ShardHost", "Transport"]
+__all__ = ["DEFAULT_SAMPLE_TIMINGS", "RemoteError", "RoutedExecutor", "Router", "ShardHost",
+           "Transport"]
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -400,7 +401,7 @@ class Router:
         on_error: Callable[[Any, BaseException], object],
         broken_error: Callable[[str], BaseException],
         submit_timeout: float | None = None,
-        sample_timings: int = 1,
+        sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
         encode: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], bytes] = (
             encode_task),
     ) -> None:
@@ -976,8 +977,8 @@ class Router:
     def hot_keys(self, n: int) -> list[HotKey]:
         """The ``n`` keys with the most tasks waiting (see RoutedExecutor.hot_keys).
 
-        One pass over the keys, CHUNK keys per hold of the lock, keeping the
-        best ``n`` (a heap): submits and outcomes wait at most one chunk."""
+        One pass over the keys, _HOT_CHUNK keys per hold of the lock, keeping
+        the best ``n`` (a heap): submits and outcomes wait at most one chunk."""
         with self._lock:
             keys = list(self._keys)
         best: list[tuple[int, bool, int, Any]] = []
@@ -991,13 +992,13 @@ class Router:
                     if entry is None:
                         continue  # finished meanwhile
                     tasks = entry[1]
-                    # A key's first task, once sent, runs (or is next to) in its shard.
+                    # A key's first task, once sent, runs in its shard (or is next to).
                     running = tasks[0].tid in entry[0].unacked
                     queued = len(tasks) - running
                     oldest = now - tasks[running].stamp if queued else -1
                     found.append((queued, running, oldest, key))
             best = heapq.nlargest(n, best + found, key=_hot_rank)
-        return hot_keys([(key, queued, running, None if oldest < 0 else max(0, oldest))
+        return hot_keys([(key, queued, running, None if oldest < 0 else oldest)
                          for queued, running, oldest, key in best], n)
 
     @property

@@ -75,8 +75,9 @@ def _le(bound: float) -> str:
 
 class KeyedExecutorCollector(Collector):
     """Exports executors (KeyedExecutor, TaskPool, AsyncKeyedExecutor,
-    ProcessKeyedExecutor, RayKeyedExecutor): the one given here, and those :meth:`add` adds. One collector per registry:
-    a registry refuses two collectors of the same metric names.
+    ProcessKeyedExecutor, RayKeyedExecutor): the one given here, and those
+    :meth:`add` adds. One collector per registry: a registry refuses two
+    collectors of the same metric names.
 
     ``name`` (default: the executor's) is its ``executor`` label. ``hot_keys``
     is how many hot keys to export per executor (0: none). ``registry``:
