@@ -24,9 +24,11 @@ Shard side (:class:`ShardHost`): admits batches strictly in sequence order
 its key, and hands outcomes back in batches (:meth:`ShardHost.take_results`).
 
 Wire format (pickled by the transport): a batch is ``(tasks, controls)``, tasks
-``(tid, key, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
-controls ``(kind, key, request)`` run before the batch's tasks. Outcomes are
-``(tid, status, value)``.
+``(tid, key id, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
+controls ``(kind, key id, request)`` run before the batch's tasks. Outcomes are
+``(tid, status, value)``. Keys stay in the caller's process: a shard orders a
+key's tasks by its *key id*, a number the router gives a key while it has
+unfinished tasks (so keys need not pickle, nor equal their unpickled copies).
 """
 
 from __future__ import annotations
@@ -420,13 +422,6 @@ class Router:
             hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable: {exc}") from None
-        if type(key) not in _PLAIN:
-            try:
-                pickle.dumps(key, _PICKLE)
-            except Exception as exc:
-                raise TypeError(
-                    f"key must be picklable (it travels with the task): {exc}"
-                ) from exc
         future: KeyedFuture[Any] = KeyedFuture()
         try:
             payload = encode_task(fn, args, kwargs)
@@ -447,10 +442,14 @@ class Router:
             self._check_open()
             if self._max_pending is not None and self._unfinished >= self._max_pending:
                 self._wait_for_room()
+            tid = next(self._tids)
             entry = self._keys.get(key)
             if entry is None:
-                entry = self._keys[key] = [self._pick(hash(key)), deque()]
-            task = _Task(next(self._tids), key, entry, payload, future, forget)
+                # The key itself never travels: a copy unpickled in the shard may
+                # not equal the next one (identity equality, nan). The shard
+                # orders by this number, unique while the key has unfinished tasks.
+                entry = self._keys[key] = [self._pick(hash(key)), deque(), tid]
+            task = _Task(tid, key, entry, payload, future, forget)
             entry[1].append(task)
             shard: _Shard = entry[0]
             shard.pending.append(task)
@@ -509,7 +508,7 @@ class Router:
                     continue
                 task.sends += 1
                 unacked[task.tid] = task
-                tasks.append((task.tid, task.key, task.payload))
+                tasks.append((task.tid, task.entry[2], task.payload))
             shard.sent += len(tasks)
             self._in_flight += len(tasks)
             if self._max_per_shard is not None and shard.sent >= self._max_per_shard:
@@ -777,7 +776,7 @@ class Router:
                         t.entry is entry for t in shard.unacked.values()):
                     request = next(self._requests)
                     reply = shard.replies[request] = _Reply()
-                    shard.controls.append((CANCEL_KEY, key, request))
+                    shard.controls.append((CANCEL_KEY, entry[2], request))
                     send = self._take(shard)
             total += self._cancel_tasks(mine)
             if send is not None:
@@ -940,7 +939,7 @@ class RoutedExecutor(Generic[K]):
 
         ``fn``, its arguments and its result travel by pickle: one that cannot be
         pickled fails this task's future alone (``pickle.PicklingError``). Raises
-        TypeError (unhashable or unpicklable key, fn not callable) or
+        TypeError (unhashable key, fn not callable) or
         RuntimeError (after shutdown) without queueing anything.
         """
         return self._router.submit(key, fn, args, kwargs)

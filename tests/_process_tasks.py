@@ -114,3 +114,7 @@ def spin(ms: float) -> int:
     while time.perf_counter() < end:
         n += 1
     return n
+
+
+class ByIdentity:
+    """A key compared by identity (object's default): its unpickled copy is another key."""

@@ -115,6 +115,22 @@ def test_busy_key_stays_on_its_child_idle_key_returns_to_it(ex: ProcessKeyedExec
     assert again <= pids
 
 
+@pytest.mark.parametrize("make_key", [tasks.ByIdentity, lambda: float("nan")],
+                         ids=["by-identity", "nan"])
+def test_order_holds_for_keys_unequal_to_their_pickled_copy(
+        method: str, tmp_path: Path, make_key: Any) -> None:
+    """The parent's key is one key; its copies unpickled in the child are not
+    equal to each other (identity equality, nan): the child must not run a
+    later task of the key beside the one still running."""
+    key, log = make_key(), tmp_path / "log"
+    with fresh(1, 2, mp_context=method) as ex2:
+        gate, first = _blocker(ex2, key, tmp_path)  # running in the child
+        second = ex2.submit(key, tasks.append, str(log), "k", 2)  # another batch
+        assert not wait_until(log.exists, 0.3), "ran beside the task before it"
+        gate.touch()
+        assert (first.result(30), second.result(30)) == ("opened", 2)
+
+
 def test_exceptions_keep_their_type(ex: ProcessKeyedExecutor[Any]) -> None:
     with pytest.raises(ValueError, match="^7$") as info:
         ex.submit("e", tasks.raise_value_error, 7).result(10)
@@ -148,11 +164,14 @@ def test_bad_keys_are_refused_at_submit(ex: ProcessKeyedExecutor[Any]) -> None:
     before = ex.metrics().submitted
     with pytest.raises(TypeError, match="key must be hashable"):
         ex.submit([1], tasks.identity, 1)
-    with pytest.raises(TypeError, match="key must be picklable"):
-        ex.submit(threading.Lock(), tasks.identity, 1)
     with pytest.raises(TypeError, match="fn must be callable"):
         ex.submit("k", 3)  # type: ignore[arg-type]
     assert ex.metrics().submitted == before
+
+
+def test_keys_stay_in_the_parent(ex: ProcessKeyedExecutor[Any]) -> None:
+    lock = threading.Lock()  # does not pickle: it need not, it never travels
+    assert [ex.submit(lock, tasks.identity, i).result(30) for i in range(3)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
