@@ -734,10 +734,14 @@ class Router:
                 shard.pending.clear()
                 self._new_epoch(shard)
             self._in_flight = 0
-        for task in tasks:
-            err = self._broken_error(f"the executor is broken: {reason}")
-            if task.sends or task.future.set_running_or_notify_cancel():
-                self._finish_task(task.key, task.future, task.forget, None, err)
+        _in_callback.active = True
+        try:
+            for task in tasks:
+                err = self._broken_error(f"the executor is broken: {reason}")
+                if task.sends or task.future.set_running_or_notify_cancel():
+                    self._finish_task(task.key, task.future, task.forget, None, err)
+        finally:
+            _in_callback.active = False
         with self._lock:
             for task in tasks:
                 self._release(task, "failed")
@@ -830,7 +834,12 @@ class Router:
             return self._room.wait_for(lambda: self._finished, timeout)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until closed and drained, every shard gone and the threads ended."""
+        """Wait until closed and drained, every shard gone and the threads ended.
+
+        From a done-callback (or ``on_error``) it returns False at once: the
+        thread that runs them is the one that finishes the tasks."""
+        if getattr(_in_callback, "active", False):
+            return False
         end = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
@@ -1013,8 +1022,9 @@ class RoutedExecutor(Generic[K]):
 
         ``cancel_futures=True`` cancels every task that has not started (in the
         shards too); otherwise everything accepted runs. ``wait=True`` returns
-        once all of it is done and the shards and threads are gone. Calling it
-        again is harmless.
+        once all of it is done and the shards and threads are gone (from a
+        done-callback or ``on_error`` it does not wait: they run in the thread
+        that finishes the tasks). Calling it again is harmless.
         """
         self._router.close(cancel=cancel_futures)
         if wait:

@@ -280,6 +280,24 @@ def test_shutdown_wait_runs_everything(method: str) -> None:
         ex2.shutdown()  # again: harmless
 
 
+def test_shutdown_wait_from_a_done_callback(method: str) -> None:
+    """Callbacks run in the thread that completes the tasks: waiting there for
+    the others would wait forever. It returns; the others still finish."""
+    returned = threading.Event()
+    with fresh(2, mp_context=method) as ex2:
+
+        def shut(_f: cf.Future[Any]) -> None:
+            ex2.shutdown(wait=True)
+            returned.set()
+
+        first = ex2.submit("a", tasks.identity, 0)
+        others = [ex2.submit(k, tasks.record, k, 0, 0.2) for k in range(4)]
+        first.add_done_callback(shut)
+        assert returned.wait(30)
+        assert [f.result(30)[0] for f in others] == list(range(4))
+        assert ex2.closed
+
+
 def test_shutdown_cancel_futures(method: str, tmp_path: Path) -> None:
     with fresh(1, 1, mp_context=method) as ex2:
         gate, blocker = _blocker(ex2, "b", tmp_path)
