@@ -111,7 +111,7 @@ def _decode_exception(value: tuple[bytes, str]) -> BaseException:
     data, text = value
     try:
         exc: BaseException = pickle.loads(data)
-    except Exception as load_error:
+    except BaseException as load_error:  # whatever it raises is the task's problem
         exc = RemoteError(f"a task raised an exception that could not be unpickled here: "
                           f"{load_error!r}")
     exc.__cause__ = RemoteTraceback(text)
@@ -590,7 +590,7 @@ class Router:
 
     def _complete(self, task: _Task, status: int, value: Any) -> None:
         if status == CANCELLED:
-            _lifecycle.cancel_orphans([task.future])
+            _lifecycle.cancel_orphans([task.future], on_worker=True)
             return
         result: Any = None
         exc: BaseException | None = None
@@ -599,7 +599,7 @@ class Router:
         elif status == OK_PICKLED:
             try:
                 result = pickle.loads(value)
-            except Exception as load_error:
+            except BaseException as load_error:  # SystemExit too: this task's, not ours
                 exc = pickle.UnpicklingError(
                     f"the task's result could not be unpickled here: {load_error!r}")
         else:
@@ -782,9 +782,11 @@ class Router:
                     reply = shard.replies[request] = _Reply()
                     shard.controls.append((CANCEL_KEY, entry[2], request))
                     send = self._take(shard)
-            total += self._cancel_tasks(mine)
-            if send is not None:
-                self._send([send])
+            try:
+                total += self._cancel_tasks(mine)
+            finally:  # its batch number is taken: the shard waits for it
+                if send is not None:
+                    self._send([send])
             if reply is None:
                 return total
             reply.event.wait()
@@ -793,16 +795,25 @@ class Router:
                 return total
 
     def _cancel_tasks(self, tasks: list[_Task]) -> int:
+        """Cancel and release ``tasks``. A done-callback's BaseException (which
+        ``cancel()`` raises in the caller's thread, as in the stdlib) is raised
+        again once every one of them is cancelled and released."""
+        first: BaseException | None = None
         for task in tasks:
-            if task.sends:  # re-queued after a loss: already RUNNING
-                _lifecycle.cancel_orphans([task.future])
-            else:
-                task.future._cancel_queued()
+            try:
+                if task.sends:  # re-queued after a loss: already RUNNING
+                    _lifecycle.cancel_orphans([task.future])
+                else:
+                    task.future._cancel_queued()
+            except BaseException as exc:
+                first = first or exc
         with self._lock:
             for task in tasks:
                 self._release(task, "cancelled")
             actions = self._maybe_finish()
         self._run_actions(actions)
+        if first is not None:
+            raise first
         return len(tasks)
 
     def close(self, reason: str = "cannot schedule new futures after shutdown",
@@ -826,8 +837,10 @@ class Router:
                             batches.append(send)
             actions = self._maybe_finish()
         self._send(batches)
-        self._cancel_tasks(tasks)
-        self._run_actions(actions)
+        try:
+            self._cancel_tasks(tasks)
+        finally:
+            self._run_actions(actions)
 
     def wait_finished(self, timeout: float | None = None) -> bool:
         with self._lock:

@@ -174,6 +174,41 @@ def test_keys_stay_in_the_parent(ex: ProcessKeyedExecutor[Any]) -> None:
     assert [ex.submit(lock, tasks.identity, i).result(30) for i in range(3)] == [0, 1, 2]
 
 
+def test_result_whose_unpickling_raises_a_base_exception_fails_alone(
+        ex: ProcessKeyedExecutor[Any]) -> None:
+    bad = ex.submit("u", tasks.return_exits_when_unpickled)
+    with pytest.raises(pickle.UnpicklingError, match="SystemExit"):
+        bad.result(30)
+    assert ex.submit("u", tasks.identity, 1).result(30) == 1  # not broken
+    assert ex.metrics().pending == 0
+
+
+def test_done_callback_raising_base_exception_on_a_cancelled_task(
+        method: str, tmp_path: Path) -> None:
+    """sys.exit() (or Ctrl-C) in a done-callback of a cancelled task: every
+    other future still ends, the executor goes on."""
+    def exits(_f: cf.Future[Any]) -> None:
+        raise SystemExit("from a callback")
+
+    with fresh(1, 1, mp_context=method) as ex2:
+        gate, blocker = _blocker(ex2, "c", tmp_path)
+        in_child = [ex2.submit("c", tasks.identity, i) for i in range(3)]
+        time.sleep(0.1)  # sent: the child cancels them
+        in_child[0].add_done_callback(exits)
+        assert ex2.cancel_key("c") == 3
+        assert all(f.cancelled() for f in in_child)
+        gate.touch()
+        assert blocker.result(30) == "opened"
+        assert ex2.submit("c", tasks.identity, "after").result(30) == "after"
+    with fresh(1, 1, mp_context=method, linger=60, batch_size=1000) as ex2:
+        in_parent = [ex2.submit("p", tasks.identity, i) for i in range(3)]
+        in_parent[0].add_done_callback(exits)
+        with pytest.raises(SystemExit):  # raised in the caller's thread, as by cancel()
+            ex2.cancel_key("p")
+        assert all(f.cancelled() for f in in_parent)
+        assert ex2.metrics().pending == 0 and ex2.metrics().cancelled == 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
