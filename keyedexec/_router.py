@@ -914,7 +914,8 @@ class Router:
         pass
 
     def _after_fork_child(self) -> None:
-        # The shards and threads belong to the parent: this copy is closed and inert.
+        # The shards and threads belong to the parent: this copy is closed and
+        # inert, and its unfinished futures are cancelled (every future ends).
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
@@ -922,6 +923,14 @@ class Router:
                        "belongs to the parent process)"
         self._finished = True
         self._transport = _Inert()
+        orphans = [task.future for entry in self._keys.values() for task in entry[1]]
+        self._keys = {}
+        for shard in self._shards:
+            shard.pending.clear()
+            shard.unacked.clear()
+        self.counts["cancelled"] += len(orphans)
+        self._unfinished = self._in_flight = 0
+        _lifecycle.cancel_orphans(orphans, on_worker=True)
 
 
 _COUNTER = {OK: "completed", OK_PICKLED: "completed", RAISED: "failed", CANCELLED: "cancelled"}

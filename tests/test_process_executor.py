@@ -533,6 +533,29 @@ def test_children_exit_when_the_parent_dies() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_fork_of_the_parent_ends_the_inherited_futures(tmp_path: Path) -> None:
+    """In a child of os.fork() the inherited executor is closed and its
+    unfinished futures are cancelled there (as the threaded executor's): a
+    thread of the child waiting on one would wait forever."""
+    with fresh(1, 1, mp_context="spawn") as ex2:
+        gate, blocker = _blocker(ex2, "b", tmp_path)  # running in the child process
+        queued = [ex2.submit("b", tasks.identity, i) for i in range(3)]
+        pid = os.fork()
+        if pid == 0:  # the forked copy: report through the exit status only
+            ok = all(f.cancelled() for f in [blocker, *queued])
+            try:
+                ex2.submit("x", tasks.identity, 1)
+                ok = False
+            except RuntimeError as exc:
+                ok = ok and "forked child" in str(exc)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        gate.touch()  # the parent's are unaffected
+        assert [f.result(30) for f in [blocker, *queued]] == ["opened", 0, 1, 2]
+
+
 def test_ctrl_c_while_waiting_on_a_future(tmp_path: Path) -> None:
     proc = _run_child("""
         import os, signal, sys, threading
