@@ -82,17 +82,21 @@ def _after_fork_child() -> None:
         s._after_fork_child()
 
 
-def cancel_orphans(futures: Iterable[Any]) -> None:
+def cancel_orphans(futures: Iterable[Any], *, on_worker: bool = False) -> None:
     """(fork child) Cancel the futures of tasks that were running in the
-    parent's workers: they never finish here, and every future ends done."""
+    parent's workers: they never finish here, and every future ends done.
+    (Also the process executor's tasks cancelled after they were sent; from
+    its receiver thread ``on_worker``: a callback's BaseException is logged.)"""
     for fut in list(futures):
         if fut is None or fut.done():
             continue
         with fut._condition:  # what Future.cancel does, from RUNNING
             fut._state = CANCELLED
             fut._condition.notify_all()
-        fut._invoke_callbacks()
-        fut.set_running_or_notify_cancel()
+        try:
+            fut._invoke_callbacks(on_worker=on_worker)
+        finally:  # a callback's BaseException: the waiters are told all the same
+            fut.set_running_or_notify_cancel()
 
 
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

@@ -27,10 +27,13 @@ Shard side (:class:`ShardHost`): admits batches strictly in sequence order
 its key, and hands outcomes back in batches (:meth:`ShardHost.take_results`).
 
 Wire format (pickled by the transport): a batch is ``(tasks, controls)``, tasks
-``(tid, key, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
-controls ``(kind, key, request)`` run before the batch's tasks. Outcomes are
+``(tid, key id, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
+controls ``(kind, key id, request)`` run before the batch's tasks. Outcomes are
 ``(tid, status, value, started, ended)``: the shard's monotonic clock (ns) when
-the task started and ended (0 for a task that did not run).
+the task started and ended (0 for a task that did not run). Keys stay in the
+caller's process: a shard orders a key's tasks by its *key id*, a number the
+router gives a key while it has unfinished tasks (so keys need not pickle, nor
+equal their unpickled copies).
 
 Observability (:meth:`Router.timings`, :meth:`Router.hot_keys`): the router
 stamps each task at submit (``time.monotonic_ns``); the shard stamps its start
@@ -129,7 +132,7 @@ def _decode_exception(value: tuple[bytes, str]) -> BaseException:
     data, text = value
     try:
         exc: BaseException = pickle.loads(data)
-    except Exception as load_error:
+    except BaseException as load_error:  # whatever it raises is the task's problem
         exc = RemoteError(f"a task raised an exception that could not be unpickled here: "
                           f"{load_error!r}")
     exc.__cause__ = RemoteTraceback(text)
@@ -456,13 +459,6 @@ class Router:
             hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable: {exc}") from None
-        if type(key) not in _PLAIN:
-            try:
-                pickle.dumps(key, _PICKLE)
-            except Exception as exc:
-                raise TypeError(
-                    f"key must be picklable (it travels with the task): {exc}"
-                ) from exc
         future: KeyedFuture[Any] = KeyedFuture()
         try:
             payload = self._encode(fn, args, kwargs)
@@ -483,10 +479,14 @@ class Router:
             self._check_open()
             if self._max_pending is not None and self._unfinished >= self._max_pending:
                 self._wait_for_room()
+            tid = next(self._tids)
             entry = self._keys.get(key)
             if entry is None:
-                entry = self._keys[key] = [self._pick(hash(key)), deque()]
-            task = _Task(next(self._tids), key, entry, payload, future, forget,
+                # The key itself never travels: a copy unpickled in the shard may
+                # not equal the next one (identity equality, nan). The shard
+                # orders by this number, unique while the key has unfinished tasks.
+                entry = self._keys[key] = [self._pick(hash(key)), deque(), tid]
+            task = _Task(tid, key, entry, payload, future, forget,
                          time.monotonic_ns(), self._timing.take())
             entry[1].append(task)
             shard: _Shard = entry[0]
@@ -552,7 +552,7 @@ class Router:
                     continue
                 task.sends += 1
                 unacked[task.tid] = task
-                tasks.append((task.tid, task.key, task.payload))
+                tasks.append((task.tid, task.entry[2], task.payload))
             shard.sent += len(tasks)
             self._in_flight += len(tasks)
             if self._max_per_shard is not None and shard.sent >= self._max_per_shard:
@@ -641,7 +641,7 @@ class Router:
 
     def _complete(self, task: _Task, status: int, value: Any) -> None:
         if status == CANCELLED:
-            _lifecycle.cancel_orphans([task.future])
+            _lifecycle.cancel_orphans([task.future], on_worker=True)
             return
         result: Any = None
         exc: BaseException | None = None
@@ -650,7 +650,7 @@ class Router:
         elif status == OK_PICKLED:
             try:
                 result = pickle.loads(value)
-            except Exception as load_error:
+            except BaseException as load_error:  # SystemExit too: this task's, not ours
                 exc = pickle.UnpicklingError(
                     f"the task's result could not be unpickled here: {load_error!r}")
         else:
@@ -831,10 +831,14 @@ class Router:
                 shard.pending.clear()
                 self._new_epoch(shard)
             self._in_flight = 0
-        for task in tasks:
-            err = self._broken_error(f"the executor is broken: {reason}")
-            if task.sends or task.future.set_running_or_notify_cancel():
-                self._finish_task(task.key, task.future, task.forget, None, err)
+        _in_callback.active = True
+        try:
+            for task in tasks:
+                err = self._broken_error(f"the executor is broken: {reason}")
+                if task.sends or task.future.set_running_or_notify_cancel():
+                    self._finish_task(task.key, task.future, task.forget, None, err)
+        finally:
+            _in_callback.active = False
         with self._lock:
             for task in tasks:
                 self._release(task, "failed")
@@ -873,11 +877,13 @@ class Router:
                         t.entry is entry for t in shard.unacked.values()):
                     request = next(self._requests)
                     reply = shard.replies[request] = _Reply()
-                    shard.controls.append((CANCEL_KEY, key, request))
+                    shard.controls.append((CANCEL_KEY, entry[2], request))
                     send = self._take(shard)
-            total += self._cancel_tasks(mine)
-            if send is not None:
-                self._send([send])
+            try:
+                total += self._cancel_tasks(mine)
+            finally:  # its batch number is taken: the shard waits for it
+                if send is not None:
+                    self._send([send])
             if reply is None:
                 return total
             reply.event.wait()
@@ -886,11 +892,18 @@ class Router:
                 return total
 
     def _cancel_tasks(self, tasks: list[_Task]) -> int:
+        """Cancel and release ``tasks``. A done-callback's BaseException (which
+        ``cancel()`` raises in the caller's thread, as in the stdlib) is raised
+        again once every one of them is cancelled and released."""
+        first: BaseException | None = None
         for task in tasks:
-            if task.sends:  # re-queued after a loss: already RUNNING
-                _lifecycle.cancel_orphans([task.future])
-            else:
-                task.future._cancel_queued()
+            try:
+                if task.sends:  # re-queued after a loss: already RUNNING
+                    _lifecycle.cancel_orphans([task.future])
+                else:
+                    task.future._cancel_queued()
+            except BaseException as exc:
+                first = first or exc
         with self._lock:
             for task in tasks:
                 self._release(task, "cancelled")
@@ -899,6 +912,8 @@ class Router:
                 actions.extend(self._retire_if_idle(shard))
             actions.extend(self._maybe_finish())
         self._run_actions(actions)
+        if first is not None:
+            raise first
         return len(tasks)
 
     def close(self, reason: str = "cannot schedule new futures after shutdown",
@@ -922,15 +937,22 @@ class Router:
                             batches.append(send)
             actions = self._maybe_finish()
         self._send(batches)
-        self._cancel_tasks(tasks)
-        self._run_actions(actions)
+        try:
+            self._cancel_tasks(tasks)
+        finally:
+            self._run_actions(actions)
 
     def wait_finished(self, timeout: float | None = None) -> bool:
         with self._lock:
             return self._room.wait_for(lambda: self._finished, timeout)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until closed and drained, every shard gone and the threads ended."""
+        """Wait until closed and drained, every shard gone and the threads ended.
+
+        From a done-callback (or ``on_error``) it returns False at once: the
+        thread that runs them is the one that finishes the tasks."""
+        if getattr(_in_callback, "active", False):
+            return False
         end = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
@@ -1023,7 +1045,8 @@ class Router:
         pass
 
     def _after_fork_child(self) -> None:
-        # The shards and threads belong to the parent: this copy is closed and inert.
+        # The shards and threads belong to the parent: this copy is closed and
+        # inert, and its unfinished futures are cancelled (every future ends).
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
@@ -1031,6 +1054,14 @@ class Router:
                        "belongs to the parent process)"
         self._finished = True
         self._transport = _Inert()
+        orphans = [task.future for entry in self._keys.values() for task in entry[1]]
+        self._keys = {}
+        for shard in self._shards:
+            shard.pending.clear()
+            shard.unacked.clear()
+        self.counts["cancelled"] += len(orphans)
+        self._unfinished = self._in_flight = 0
+        _lifecycle.cancel_orphans(orphans, on_worker=True)
 
 
 # Keys hot_keys reads per hold of the router's lock (about 1 ms).
@@ -1079,7 +1110,7 @@ class RoutedExecutor(Generic[K]):
 
         ``fn``, its arguments and its result travel by pickle: one that cannot be
         pickled fails this task's future alone (``pickle.PicklingError``). Raises
-        TypeError (unhashable or unpicklable key, fn not callable) or
+        TypeError (unhashable key, fn not callable) or
         RuntimeError (after shutdown) without queueing anything.
         """
         return self._router.submit(key, fn, args, kwargs)
@@ -1153,8 +1184,9 @@ class RoutedExecutor(Generic[K]):
 
         ``cancel_futures=True`` cancels every task that has not started (in the
         shards too); otherwise everything accepted runs. ``wait=True`` returns
-        once all of it is done and the shards and threads are gone. Calling it
-        again is harmless.
+        once all of it is done and the shards and threads are gone (from a
+        done-callback or ``on_error`` it does not wait: they run in the thread
+        that finishes the tasks). Calling it again is harmless.
         """
         self._router.close(cancel=cancel_futures)
         if wait:

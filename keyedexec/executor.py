@@ -116,10 +116,9 @@ def _check_timeout(name: str, value: object) -> float | None:
 
 def _check_threshold(name: str, value: object) -> float | None:
     """Seconds > 0, or None (off; so is ``math.inf``)."""
-    seconds = _check_timeout(name, value)
-    if seconds == 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return seconds
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")  # nan too
+    return _check_timeout(name, value)
 
 
 def _check_name(value: object) -> str:

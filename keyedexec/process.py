@@ -95,8 +95,9 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
     work). A key with unfinished tasks stays on its child; an idle key goes to
     the child that rendezvous hashing of ``hash(key)`` picks, so a key keeps its
     child (and whatever its tasks cached there) while the child lives. Keys must
-    be hashable and picklable; ``fn``, its arguments and its result travel by
-    pickle (module-level functions, as for ProcessPoolExecutor).
+    be hashable and stay in this process (they need not pickle); ``fn``, its
+    arguments and its result travel by pickle (module-level functions, as for
+    ProcessPoolExecutor).
 
     Tasks travel in batches per child: a batch leaves once it holds
     ``batch_size`` tasks, or ``linger`` seconds after its first task.

@@ -114,3 +114,22 @@ def spin(ms: float) -> int:
     while time.perf_counter() < end:
         n += 1
     return n
+
+
+class ByIdentity:
+    """A key compared by identity (object's default): its unpickled copy is another key."""
+
+
+class ExitsWhenUnpickled:
+    """Pickles in the child; unpickling it raises SystemExit (in the parent)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_exit_on_load, ())
+
+
+def _exit_on_load() -> None:
+    raise SystemExit("unpickled")
+
+
+def return_exits_when_unpickled() -> Any:
+    return ExitsWhenUnpickled()

@@ -100,6 +100,34 @@ def test_key_labels_are_short_and_distinct() -> None:
     assert len(set(labels)) == len(labels)
 
 
+class _ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for this key")
+
+
+def test_key_labels_of_keys_whose_repr_raises_or_that_do_not_encode() -> None:
+    """A label is text a scrape can encode (UTF-8), whatever the key."""
+    labels = key_labels([_ReprRaises(), "file-\udc80", "ok"])
+    assert labels[0] == "<_ReprRaises: repr() raised RuntimeError>"
+    assert labels[1] == "file-\\udc80" and labels[2] == "ok"
+    for label in labels:
+        label.encode("utf-8")
+
+
+def test_prometheus_scrape_survives_keys_that_do_not_make_a_label(h: Any) -> None:
+    """One odd key must not fail the whole scrape (a 500 on /metrics)."""
+    ex = h.executor(1)
+    registry = CollectorRegistry()
+    KeyedExecutorCollector(ex, registry=registry, name="odd")
+    gate, blocker = h.block(ex, "busy")
+    for key in (_ReprRaises(), "file-\udc80"):
+        ex.execute(key, noop)
+    hot = scrape(registry)["keyedexec_hot_key_queued_tasks"]
+    assert {dict(k)["key"] for k in hot} == {
+        "busy", "<_ReprRaises: repr() raised RuntimeError>", "file-\\udc80"}
+    gate.set()
+
+
 # -- Prometheus ----------------------------------------------------------------------------
 
 

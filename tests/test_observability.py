@@ -282,14 +282,17 @@ def test_the_next_slow_task_on_the_same_worker_is_logged_too(
     assert len(slow_records(caplog)) == 2
 
 
-@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError),
-                                              (math.nan, ValueError), ("1", TypeError)])
-def test_slow_task_threshold_is_validated(impl: Any, value: Any, error: type[Exception]) -> None:
-    with pytest.raises(error, match="slow_task_threshold"):
+@pytest.mark.parametrize(("value", "error", "match"), [
+    (0, ValueError, "must be > 0"), (-1, ValueError, "must be > 0"),  # not ">= 0": 0 is refused
+    (math.nan, ValueError, "must be > 0"), ("1", TypeError, "must be a number of seconds")])
+def test_slow_task_threshold_is_validated(
+        impl: Any, value: Any, error: type[Exception], match: str) -> None:
+    match = "slow_task_threshold " + match
+    with pytest.raises(error, match=match):
         impl.KeyedExecutor(2, slow_task_threshold=value)
-    with pytest.raises(error, match="slow_task_threshold"):
+    with pytest.raises(error, match=match):
         impl.TaskPool(slow_task_threshold=value)
-    with pytest.raises(error, match="slow_task_threshold"):
+    with pytest.raises(error, match=match):
         AsyncKeyedExecutor(slow_task_threshold=value)
 
 

@@ -115,6 +115,22 @@ def test_busy_key_stays_on_its_child_idle_key_returns_to_it(ex: ProcessKeyedExec
     assert again <= pids
 
 
+@pytest.mark.parametrize("make_key", [tasks.ByIdentity, lambda: float("nan")],
+                         ids=["by-identity", "nan"])
+def test_order_holds_for_keys_unequal_to_their_pickled_copy(
+        method: str, tmp_path: Path, make_key: Any) -> None:
+    """The parent's key is one key; its copies unpickled in the child are not
+    equal to each other (identity equality, nan): the child must not run a
+    later task of the key beside the one still running."""
+    key, log = make_key(), tmp_path / "log"
+    with fresh(1, 2, mp_context=method) as ex2:
+        gate, first = _blocker(ex2, key, tmp_path)  # running in the child
+        second = ex2.submit(key, tasks.append, str(log), "k", 2)  # another batch
+        assert not wait_until(log.exists, 0.3), "ran beside the task before it"
+        gate.touch()
+        assert (first.result(30), second.result(30)) == ("opened", 2)
+
+
 def test_exceptions_keep_their_type(ex: ProcessKeyedExecutor[Any]) -> None:
     with pytest.raises(ValueError, match="^7$") as info:
         ex.submit("e", tasks.raise_value_error, 7).result(10)
@@ -148,11 +164,49 @@ def test_bad_keys_are_refused_at_submit(ex: ProcessKeyedExecutor[Any]) -> None:
     before = ex.metrics().submitted
     with pytest.raises(TypeError, match="key must be hashable"):
         ex.submit([1], tasks.identity, 1)
-    with pytest.raises(TypeError, match="key must be picklable"):
-        ex.submit(threading.Lock(), tasks.identity, 1)
     with pytest.raises(TypeError, match="fn must be callable"):
         ex.submit("k", 3)  # type: ignore[arg-type]
     assert ex.metrics().submitted == before
+
+
+def test_keys_stay_in_the_parent(ex: ProcessKeyedExecutor[Any]) -> None:
+    lock = threading.Lock()  # does not pickle: it need not, it never travels
+    assert [ex.submit(lock, tasks.identity, i).result(30) for i in range(3)] == [0, 1, 2]
+
+
+def test_result_whose_unpickling_raises_a_base_exception_fails_alone(
+        ex: ProcessKeyedExecutor[Any]) -> None:
+    bad = ex.submit("u", tasks.return_exits_when_unpickled)
+    with pytest.raises(pickle.UnpicklingError, match="SystemExit"):
+        bad.result(30)
+    assert ex.submit("u", tasks.identity, 1).result(30) == 1  # not broken
+    assert ex.metrics().pending == 0
+
+
+def test_done_callback_raising_base_exception_on_a_cancelled_task(
+        method: str, tmp_path: Path) -> None:
+    """sys.exit() (or Ctrl-C) in a done-callback of a cancelled task: every
+    other future still ends, the executor goes on."""
+    def exits(_f: cf.Future[Any]) -> None:
+        raise SystemExit("from a callback")
+
+    with fresh(1, 1, mp_context=method) as ex2:
+        gate, blocker = _blocker(ex2, "c", tmp_path)
+        in_child = [ex2.submit("c", tasks.identity, i) for i in range(3)]
+        time.sleep(0.1)  # sent: the child cancels them
+        in_child[0].add_done_callback(exits)
+        assert ex2.cancel_key("c") == 3
+        assert all(f.cancelled() for f in in_child)
+        gate.touch()
+        assert blocker.result(30) == "opened"
+        assert ex2.submit("c", tasks.identity, "after").result(30) == "after"
+    with fresh(1, 1, mp_context=method, linger=60, batch_size=1000) as ex2:
+        in_parent = [ex2.submit("p", tasks.identity, i) for i in range(3)]
+        in_parent[0].add_done_callback(exits)
+        with pytest.raises(SystemExit):  # raised in the caller's thread, as by cancel()
+            ex2.cancel_key("p")
+        assert all(f.cancelled() for f in in_parent)
+        assert ex2.metrics().pending == 0 and ex2.metrics().cancelled == 3
 
 
 @pytest.mark.parametrize(
@@ -259,6 +313,24 @@ def test_shutdown_wait_runs_everything(method: str) -> None:
         with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
             ex2.submit("k", tasks.identity, 1)
         ex2.shutdown()  # again: harmless
+
+
+def test_shutdown_wait_from_a_done_callback(method: str) -> None:
+    """Callbacks run in the thread that completes the tasks: waiting there for
+    the others would wait forever. It returns; the others still finish."""
+    returned = threading.Event()
+    with fresh(2, mp_context=method) as ex2:
+
+        def shut(_f: cf.Future[Any]) -> None:
+            ex2.shutdown(wait=True)
+            returned.set()
+
+        first = ex2.submit("a", tasks.identity, 0)
+        others = [ex2.submit(k, tasks.record, k, 0, 0.2) for k in range(4)]
+        first.add_done_callback(shut)
+        assert returned.wait(30)
+        assert [f.result(30)[0] for f in others] == list(range(4))
+        assert ex2.closed
 
 
 def test_shutdown_cancel_futures(method: str, tmp_path: Path) -> None:
@@ -461,6 +533,29 @@ def test_children_exit_when_the_parent_dies() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_fork_of_the_parent_ends_the_inherited_futures(tmp_path: Path) -> None:
+    """In a child of os.fork() the inherited executor is closed and its
+    unfinished futures are cancelled there (as the threaded executor's): a
+    thread of the child waiting on one would wait forever."""
+    with fresh(1, 1, mp_context="spawn") as ex2:
+        gate, blocker = _blocker(ex2, "b", tmp_path)  # running in the child process
+        queued = [ex2.submit("b", tasks.identity, i) for i in range(3)]
+        pid = os.fork()
+        if pid == 0:  # the forked copy: report through the exit status only
+            ok = all(f.cancelled() for f in [blocker, *queued])
+            try:
+                ex2.submit("x", tasks.identity, 1)
+                ok = False
+            except RuntimeError as exc:
+                ok = ok and "forked child" in str(exc)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        gate.touch()  # the parent's are unaffected
+        assert [f.result(30) for f in [blocker, *queued]] == ["opened", 0, 1, 2]
+
+
 def test_ctrl_c_while_waiting_on_a_future(tmp_path: Path) -> None:
     proc = _run_child("""
         import os, signal, sys, threading

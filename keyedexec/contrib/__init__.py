@@ -113,7 +113,7 @@ def key_labels(keys: list[Any]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for key in keys:
-        text = key if isinstance(key, str) else repr(key)
+        text = _text(key)
         if len(text) > KEY_LABEL_MAX:
             text = text[: KEY_LABEL_MAX - 1] + "…"
         label, n = text, 1
@@ -123,3 +123,22 @@ def key_labels(keys: list[Any]) -> list[str]:
         seen.add(label)
         out.append(label)
     return out
+
+
+def _text(key: Any) -> str:
+    # One odd key must not fail a whole scrape: a repr that raises, or a str
+    # that UTF-8 cannot encode (a lone surrogate from os.fsdecode) is escaped.
+    if isinstance(key, str):
+        text = key
+    else:
+        try:
+            text = repr(key)
+        except Exception as exc:
+            return f"<{type(key).__name__}: repr() raised {type(exc).__name__}>"
+        if not isinstance(text, str):  # a C type's repr can return anything
+            return f"<{type(key).__name__}>"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
