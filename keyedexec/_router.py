@@ -27,7 +27,7 @@ Shard side (:class:`ShardHost`): admits batches strictly in sequence order
 its key, and hands outcomes back in batches (:meth:`ShardHost.take_results`).
 
 Wire format (pickled by the transport): a batch is ``(tasks, controls)``, tasks
-``(tid, key id, payload)`` with payload ``pickle.dumps((fn, args, kwargs))``;
+``(tid, key id, payload, label)`` with payload ``pickle.dumps((fn, args, kwargs))``;
 controls ``(kind, key id, request)`` run before the batch's tasks. Outcomes are
 ``(tid, status, value, started, ended)``: the shard's monotonic clock (ns) when
 the task started and ended (0 for a task that did not run). Keys stay in the
@@ -82,7 +82,7 @@ __all__ = ["DEFAULT_SAMPLE_TIMINGS", "RemoteError", "RoutedExecutor", "Router", 
 
 R = TypeVar("R")
 P = ParamSpec("P")
-Batch = tuple[list[tuple[int, Any, bytes]], list[tuple[int, Any, int]]]
+Batch = tuple[list[tuple[int, Any, bytes, str | None]], list[tuple[int, Any, int]]]
 Outcome = tuple[int, int, Any, int, int]
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
@@ -171,6 +171,28 @@ class Sequencer:
         return ready
 
 
+class _LabelledKeyId(int):
+    """A key id that equals and hashes as its number (so the shard orders by it)
+    and reprs as the caller's key: the slow-task log names the real key."""
+
+    def __new__(cls, key_id: int, label: str) -> _LabelledKeyId:
+        self = super().__new__(cls, key_id)
+        self.label = label
+        return self
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def key_label(key: Any, limit: int = 200) -> str:
+    """``repr(key)``, shortened, for a shard's logs; never raises."""
+    try:
+        text = repr(key)
+    except Exception as exc:
+        text = f"<{type(key).__name__}: repr() raised {type(exc).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ShardHost:
     """One shard's end of the router: one epoch of a child process or actor.
 
@@ -212,19 +234,21 @@ class ShardHost:
                 self._cancel(kind, key, request)
             self._admit(tasks)
 
-    def _admit(self, tasks: list[tuple[int, Any, bytes]]) -> None:
+    def _admit(self, tasks: list[tuple[int, Any, bytes, str | None]]) -> None:
         with self._lock:
             queued = self._queued
-            for tid, key, _payload in tasks:
+            for tid, key, _payload, _label in tasks:
                 q = queued.get(key)
                 if q is None:
                     q = queued[key] = deque()
                 q.append(tid)
         execute, run = self._execute, self._run
-        for tid, key, payload in tasks:
-            execute(key, run, tid, key, payload)
+        for tid, key, payload, label in tasks:
+            # The local executor's key: the key id, shown as the caller's key in logs.
+            local = key if label is None else _LabelledKeyId(key, label)
+            execute(local, run, tid, key, payload)
 
-    def _run(self, tid: int, key: Any, payload: bytes) -> None:
+    def _run(self, tid: int, key: int, payload: bytes) -> None:
         started = time.monotonic_ns()
         with self._lock:
             q = self._queued[key]
@@ -407,18 +431,22 @@ class Router:
         sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
         encode: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], bytes] = (
             encode_task),
+        label_keys: bool = False,
     ) -> None:
         self._transport: Transport | None = None
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)  # the flusher's
         self._room = threading.Condition(self._lock)  # max_pending; finished
         self._shards = [_Shard(i) for i in range(shards)]
-        # key -> [shard, its unfinished tasks in submission order]
+        # key -> [shard, its unfinished tasks in submission order, key id, label or None]
         self._keys: dict[Any, list[Any]] = {}
         self._key_waiters = 0
         self._tids = itertools.count()
         self._requests = itertools.count()
         self._batch_size = batch_size
+        # Send each key's repr with its tasks (for the shards' slow-task log): a repr
+        # per submit, so only when asked for.
+        self._label_keys = label_keys
         self._linger = linger
         self._retry = on_loss == "retry"
         self._max_retries = max_retries
@@ -475,6 +503,7 @@ class Router:
             self._finish_task(key, future, forget, None, err)
             return future
         send = None
+        label = key_label(key) if self._label_keys else None  # user code: not under the lock
         with self._lock:
             self._check_open()
             if self._max_pending is not None and self._unfinished >= self._max_pending:
@@ -485,7 +514,7 @@ class Router:
                 # The key itself never travels: a copy unpickled in the shard may
                 # not equal the next one (identity equality, nan). The shard
                 # orders by this number, unique while the key has unfinished tasks.
-                entry = self._keys[key] = [self._pick(hash(key)), deque(), tid]
+                entry = self._keys[key] = [self._pick(hash(key)), deque(), tid, label]
             task = _Task(tid, key, entry, payload, future, forget,
                          time.monotonic_ns(), self._timing.take())
             entry[1].append(task)
@@ -552,7 +581,7 @@ class Router:
                     continue
                 task.sends += 1
                 unacked[task.tid] = task
-                tasks.append((task.tid, task.entry[2], task.payload))
+                tasks.append((task.tid, task.entry[2], task.payload, task.entry[3]))
             shard.sent += len(tasks)
             self._in_flight += len(tasks)
             if self._max_per_shard is not None and shard.sent >= self._max_per_shard:

@@ -203,6 +203,7 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
             on_error=on_error or log_task_error,
             broken_error=BrokenProcessPool,
             sample_timings=sample_timings,
+            label_keys=slow_task_threshold is not None,
         )
         self._transport = _PipeTransport(router, ctx, workers_per_process, initializer,
                                          initargs, name, slow_task_threshold)

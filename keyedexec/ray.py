@@ -328,7 +328,8 @@ class RayKeyedExecutor(RoutedExecutor[K]):
     the actor that rendezvous hashing of ``hash(key)`` picks, so a key keeps its
     actor (and whatever its tasks cached there) while the actor lives.
     ``resize(n)`` changes the number of actors while work flows. Keys must be
-    hashable and picklable; ``fn``, its arguments and its result travel by
+    hashable; they stay in this process (an actor orders a key's tasks by a
+    number). ``fn``, its arguments and its result travel by
     (cloud)pickle, as Ray's own tasks do. Order holds per submitting process.
 
     Tasks travel in batches per actor: a batch leaves once it holds
@@ -456,6 +457,7 @@ class RayKeyedExecutor(RoutedExecutor[K]):
                 submit_timeout=submit_timeout,
                 sample_timings=sample_timings,
                 encode=_encode,
+                label_keys=slow_task_threshold is not None,
             )
             self._transport = _RayTransport(router, workers_per_actor, options,
                                             max_calls_in_flight, name, slow_task_threshold)

@@ -461,9 +461,9 @@ def test_sequencer_holds_early_batches() -> None:
 def test_shard_host_admits_out_of_order_batches_in_sequence() -> None:
     host = ShardHost(2, epoch=0)
     payload = pickle.dumps((tasks.identity, ("x",), {}))
-    host.deliver(0, 1, ([(2, "k", payload)], []))
-    host.deliver(5, 0, ([(99, "k", payload)], []))  # another epoch: dropped
-    host.deliver(0, 0, ([(0, "k", payload), (1, "j", payload)], []))
+    host.deliver(0, 1, ([(2, 7, payload, None)], []))
+    host.deliver(5, 0, ([(99, 7, payload, None)], []))  # another epoch: dropped
+    host.deliver(0, 0, ([(0, 7, payload, None), (1, 8, payload, "'j'")], []))
     host.close()
     got = []
     while True:
