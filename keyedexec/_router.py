@@ -175,6 +175,8 @@ class _LabelledKeyId(int):
     """A key id that equals and hashes as its number (so the shard orders by it)
     and reprs as the caller's key: the slow-task log names the real key."""
 
+    label: str
+
     def __new__(cls, key_id: int, label: str) -> _LabelledKeyId:
         self = super().__new__(cls, key_id)
         self.label = label
@@ -568,7 +570,7 @@ class Router:
 
     def _take(self, shard: _Shard) -> _Send | None:
         """(under the lock) The shard's next batch, its tasks now unacknowledged."""
-        tasks: list[tuple[int, Any, bytes]] = []
+        tasks: list[tuple[int, Any, bytes, str | None]] = []
         if shard.state == _READY:
             limit = self._batch_size
             if self._max_per_shard is not None:
