@@ -193,14 +193,17 @@ def _not_callable(fn: object) -> str:
 
 
 # The job a task belongs to, inherited by the tasks the job starts: shutdown()
-# awaited anywhere inside a job must not wait for that job.
-_current_job: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
+# awaited anywhere inside a job must not wait for that job. Its value is a bare
+# object() made for the job (its runner's ``state.job``), never the job itself:
+# the job holds its context, and a context holding the job would be a reference
+# cycle, leaving every finished job to the cycle collector.
+_current_job: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "keyedexec_aio_job", default=None
 )
 
 
 def _start(
-    job: _Job, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    job: object, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Coroutine[Any, Any, Any], Any]:
     """In the job's context: call ``coro_fn`` and take the coroutine's first
     step. Returns (coroutine, what it awaits); StopIteration: done already."""
@@ -235,7 +238,7 @@ class _State:
         self.ks: _KeyState | None = None
         self.served = 0  # jobs of ks run in this turn (batch)
         self.unyielded = 0  # jobs run since the runner last let the loop run
-        self.job: _Job | None = None  # the job running now
+        self.job: object | None = None  # the running job's mark (_current_job)
         self.drive: _Drive | None = None  # its driver, while it is suspended
         self.stops = 0  # cancel requests to the runner not taken back (see _Runner)
 
@@ -356,16 +359,15 @@ class _PyCore:
                 st.unyielded = 0
                 return YIELD
             st.served += 1
-            job = jobs.popleft()
+            fn, args, kwargs, fut, ctx = jobs.popleft()
             self.pending -= 1
-            fn, args, kwargs, fut, ctx = job
             if fut is not None and fut.done():  # cancelled before its turn
                 self.cancelled += 1
                 continue
             self.running += 1
-            st.job = job
+            st.job = mark = object()
             try:
-                coro, step = ctx.run(_start, job, fn, args, kwargs)
+                coro, step = ctx.run(_start, mark, fn, args, kwargs)
             except StopIteration as stop:  # done without suspending: the fast path
                 st.unyielded += 1
                 self.running -= 1

@@ -175,13 +175,13 @@ cdef class AsyncCore:
                 self.cancelled += 1
                 continue
             self.running += 1
-            st.job = job
+            st.job = mark = object()   # not the job: see aio._current_job
             ctx = job[4]
             coro = None
             try:
                 PyContext_Enter(ctx)
                 try:
-                    coro = _aio_call(job)
+                    coro = _aio_call(job, mark)
                     sent = PyIter_Send(<PyObject *>coro, <PyObject *>None, &res)
                     if sent == PYGEN_ERROR:
                         _aio_raise_set_error()
@@ -208,9 +208,9 @@ cdef class AsyncCore:
                 fut.set_result(step)
 
 
-cdef object _aio_call(tuple job):
+cdef object _aio_call(tuple job, mark):
     """In the job's context: mark it as the job's, call coro_fn, return a coroutine."""
-    PyContextVar_Set(_aio_job_var, job)
+    PyContextVar_Set(_aio_job_var, mark)
     fn = job[0]
     kwargs = job[2]
     try:

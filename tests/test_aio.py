@@ -1021,6 +1021,42 @@ def test_a_dropped_executor_is_freed_without_the_cycle_collector(run: Runner) ->
         gc.enable()
 
 
+@pytest.mark.parametrize("suspends", [False, True])
+def test_a_finished_jobs_arguments_and_context_are_freed_without_the_cycle_collector(
+    run: Runner, suspends: bool
+) -> None:
+    """Fast path and slow path: nothing a job held (its arguments, the values it
+    set in its context) outlives it waiting for the cycle collector."""
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var")
+
+    class Thing:
+        pass
+
+    async def job(arg: Thing) -> None:
+        var.set(Thing())
+        refs.append(weakref.ref(var.get()))
+        if suspends:
+            await asyncio.sleep(0)
+
+    refs: list[weakref.ref[Thing]] = []
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any]() as ex:
+            arg = Thing()
+            refs.append(weakref.ref(arg))
+            await within(ex.submit("k", job, arg))
+            del arg
+            ex.execute("k", job, Thing())
+        await asyncio.sleep(0)
+        assert len(refs) == 3 and [r() for r in refs] == [None] * 3
+
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()
+
+
 def test_repr_and_properties(run: Runner) -> None:
     """repr shows state and counts; concurrency and closed are exposed."""
 
