@@ -101,6 +101,16 @@ class _KeyState:
         # _QUEUED: in the ready queue; _SERVED: held by a runner.
         self.serving = _QUEUED
 
+    @property
+    def queued(self) -> int:
+        return len(self.jobs)
+
+    def drop(self) -> list[asyncio.Future[Any]]:
+        """Take every queued job off; returns their futures (execute's have none)."""
+        futures = [job[3] for job in self.jobs if job[3] is not None]
+        self.jobs.clear()
+        return futures
+
 
 class _Runner(asyncio.Task):  # type: ignore[type-arg]
     """A runner task. It counts in ``state.stops`` the cancel requests made to
@@ -268,9 +278,6 @@ class _PyCore:
     @staticmethod
     def new_state() -> _State:
         return _State()
-
-    def _fast_methods(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        return self.submit, self.execute
 
     def submit(self, key: Any, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
                ) -> asyncio.Future[Any]:
@@ -464,8 +471,6 @@ class AsyncKeyedExecutor(Generic[K]):
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         core = self._core = self._Core(weakref.ref(self), self._concurrency, self._batch)
-        # The hot paths, bound straight to the core: no Python frame in between.
-        self.submit, self.execute = core._fast_methods()  # type: ignore[method-assign]
         self._keys: dict[Any, _KeyState] = core.keys
         self._ready: deque[_KeyState] = core.ready
         self._runners: set[_Runner] = core.runners
@@ -663,7 +668,7 @@ class AsyncKeyedExecutor(Generic[K]):
             st.job = st.drive = None
             if fut is not None:
                 fut.remove_done_callback(drive.future_done)
-            if not ks.jobs and not st.stops and self._keys.get(ks.key) is ks:
+            if not ks.queued and not st.stops and self._keys.get(ks.key) is ks:
                 # Freed now rather than when the runner goes on: metrics() is
                 # exact by the time the job's awaiter resumes.
                 del self._keys[ks.key]
@@ -732,9 +737,8 @@ class AsyncKeyedExecutor(Generic[K]):
         futures: list[asyncio.Future[Any]] = []
         n = 0
         for ks in states:
-            n += len(ks.jobs)
-            futures.extend(job[3] for job in ks.jobs if job[3] is not None)
-            ks.jobs.clear()
+            n += ks.queued
+            futures.extend(ks.drop())
             if ks.serving == _QUEUED:
                 del self._keys[ks.key]  # the caller takes it off the ready queue
         self._core.pending -= n
@@ -840,7 +844,7 @@ class AsyncKeyedExecutor(Generic[K]):
     def pending(self, key: K) -> int:
         """Jobs queued for ``key`` and not started."""
         ks = self._keys.get(key)
-        return 0 if ks is None else len(ks.jobs)
+        return 0 if ks is None else ks.queued
 
     def stats(self) -> Stats:
         """``Stats(concurrency, pending)``: pending = queued + running."""
@@ -885,6 +889,13 @@ if _impl.NATIVE:
     from ._core import AsyncCore as _NativeCore  # it takes what it shares with us from here
 
     AsyncKeyedExecutor._Core = _NativeCore
+    # submit and execute in C: one call from the caller to the queue, no frame of
+    # ours. Method descriptors, so a saved ``ex.submit`` keeps ``ex`` alive; with
+    # another core (the pure twin) they call its submit/execute.
+    for _name, _method in zip(("submit", "execute"),
+                              _NativeCore.executor_methods(AsyncKeyedExecutor)):
+        setattr(AsyncKeyedExecutor, _name, _method)
+    del _name, _method
 else:
     AsyncKeyedExecutor._Core = _PyCore
 

@@ -1057,6 +1057,31 @@ def test_a_finished_jobs_arguments_and_context_are_freed_without_the_cycle_colle
         gc.enable()
 
 
+def test_saved_bound_methods_keep_their_executor_alive(run: Runner) -> None:
+    """``submit = AsyncKeyedExecutor().submit``: like any bound method, it keeps
+    working after the last other reference to the executor is gone."""
+
+    async def job(x: int) -> int:
+        return x
+
+    async def main() -> list[int]:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        submit, execute = ex.submit, ex.execute
+        ref = weakref.ref(ex)
+        del ex
+        gc.collect()
+        assert ref() is not None
+        execute("k", job, 0)
+        out = await within(asyncio.gather(submit("k", job, 1), submit("j", job, 2)))
+        ex = ref()
+        assert ex is not None
+        await ex.aclose()
+        assert ex.metrics().completed == 3
+        return out
+
+    assert run(main()) == [1, 2]
+
+
 def test_repr_and_properties(run: Runner) -> None:
     """repr shows state and counts; concurrency and closed are exposed."""
 
