@@ -40,7 +40,7 @@ cdef extern from *:
     """
     object ke_method_descriptor(object type, PyMethodDef *meth)
 
-from asyncio import get_running_loop as _aio_get_running_loop
+from asyncio import BaseEventLoop as _aio_BaseEventLoop, get_running_loop as _aio_get_running_loop
 from collections import deque as _aio_deque
 from inspect import cleandoc as inspect_cleandoc
 from types import CoroutineType as _aio_CoroutineType
@@ -171,7 +171,8 @@ cdef class AioState:
 cdef class AsyncCore:
     """AsyncKeyedExecutor's hot paths: see keyedexec/aio.py (_PyCore)."""
     cdef public object owner        # weak reference to the AsyncKeyedExecutor
-    cdef public object loop
+    cdef object _loop
+    cdef bint loop_has_thread_id    # _loop is an asyncio.BaseEventLoop (_loop_for_call)
     cdef public bint closed
     cdef public int concurrency, batch
     cdef public dict keys
@@ -188,10 +189,18 @@ cdef class AsyncCore:
         self.owner = owner
         self.concurrency = concurrency
         self.batch = batch
-        self.loop = None
         self.keys = {}
         self.ready = _aio_deque()
         self.runners = set()
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @loop.setter
+    def loop(self, loop):
+        self._loop = loop
+        self.loop_has_thread_id = isinstance(loop, _aio_BaseEventLoop)
 
     @staticmethod
     def _setup(job_var, as_coroutine, not_callable, str closed, yield_, stop):
@@ -216,13 +225,24 @@ cdef class AsyncCore:
         return tuple(ke_method_descriptor(cls, &_AIO_FAST_DEFS[i]) for i in range(2))
 
     cdef object _loop_for_call(self, executor):
+        """The executor's loop, if it runs this call; else ``executor._bind()``
+        adopts the running loop or raises why not."""
+        loop = self._loop
+        if self.loop_has_thread_id:
+            # An asyncio.BaseEventLoop keeps in ``_thread_id`` the thread that runs
+            # it, None when stopped: a private attribute, stable since 3.4 (pinned by
+            # tests/test_aio.py). On 3.10/3.11 get_running_loop() calls getpid(), a
+            # system call, every time; this read is a dict lookup.
+            thread_id = loop._thread_id
+            if thread_id is not None and <unsigned long>thread_id == PyThread_get_thread_ident():
+                return loop
         try:
-            loop = _aio_get_running_loop()
+            running = _aio_get_running_loop()
         except RuntimeError:
-            loop = None
-        if loop is None or loop is not self.loop:
-            loop = executor._bind()   # adopts the loop, or raises why not
-        return loop
+            running = None
+        if running is None or running is not loop:
+            running = executor._bind()
+        return running
 
     cpdef push(self, key, fn, args, kwargs, fut, ctx):
         cdef AioKey ks

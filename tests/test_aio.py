@@ -963,6 +963,54 @@ def test_submit_off_the_loop_thread_points_to_submit_threadsafe(run: Runner) -> 
         first.close()
 
 
+def test_submit_on_the_loops_thread_while_the_loop_is_stopped_is_refused(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The loop's own thread, between two runs of the loop: no loop runs the call."""
+
+    async def noop() -> None:
+        pass
+
+    async def adopt() -> AsyncKeyedExecutor[str]:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        await within(ex.submit("k", noop))
+        return ex
+
+    loop = new_loop()
+    try:
+        ex = loop.run_until_complete(adopt())
+        for call in (ex.submit, ex.execute):
+            with pytest.raises(RuntimeError, match="event loop's thread"):
+                call("k", noop)
+        assert ex.metrics().submitted == 1
+        loop.run_until_complete(ex.aclose())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_base_event_loop_keeps_the_thread_running_it_in_thread_id() -> None:
+    """The CPython detail the native core's submit relies on (src/_aio.pxi,
+    _loop_for_call): a BaseEventLoop's ``_thread_id`` is the running thread's
+    ident while it runs, None otherwise."""
+    seen: list[Any] = []
+
+    async def main() -> None:
+        seen.append(asyncio.get_running_loop()._thread_id)  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        seen.append(asyncio.get_running_loop()._thread_id)  # type: ignore[attr-defined]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop)
+        assert loop._thread_id is None  # type: ignore[attr-defined]
+        loop.run_until_complete(main())
+        assert seen == [threading.get_ident()] * 2
+        assert loop._thread_id is None  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
 def test_executor_created_outside_a_loop_binds_to_its_first(run: Runner) -> None:
     """Constructed before asyncio.run, it adopts the loop of its first use."""
     ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
