@@ -224,6 +224,14 @@ cdef class AsyncCore:
                 _AIO_FAST_DEFS[i].ml_doc = _aio_docs[i]
         return tuple(ke_method_descriptor(cls, &_AIO_FAST_DEFS[i]) for i in range(2))
 
+    # What the facade's Python methods call when this core is swapped into a
+    # pure-Python build (tests); executor_methods() is the way in otherwise.
+    def submit(self, key, fn, /, *args, **kwargs):
+        return _aio_submit(self, self.owner(), key, fn, args, kwargs)
+
+    def execute(self, key, fn, /, *args, **kwargs):
+        _aio_execute(self, self.owner(), key, fn, args, kwargs)
+
     cdef object _loop_for_call(self, executor):
         """The executor's loop, if it runs this call; else ``executor._bind()``
         adopts the running loop or raises why not."""
@@ -371,6 +379,17 @@ cdef PyObject *_aio_forward(core, name, PyObject **args, Py_ssize_t nargs,
     return PyObject_Vectorcall(<PyObject *>meth, args, nargs, kwnames)
 
 
+cdef object _aio_submit(AsyncCore core, executor, key, fn, tuple args, kwargs):
+    fut = core._loop_for_call(executor).create_future()
+    core.push(key, fn, args, kwargs, fut, PyContext_CopyCurrent())
+    return fut
+
+
+cdef object _aio_execute(AsyncCore core, executor, key, fn, tuple args, kwargs):
+    core._loop_for_call(executor)
+    core.push(key, fn, args, kwargs, None, PyContext_CopyCurrent())
+
+
 cdef PyObject *_aio_submit_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
                               PyObject *kwnames) except NULL:
     executor = <object>self
@@ -378,9 +397,8 @@ cdef PyObject *_aio_submit_vc(PyObject *self, PyObject **args, Py_ssize_t nargs,
     if type(core) is not AsyncCore:
         return _aio_forward(core, "submit", args, nargs, kwnames)
     _check_call(b"submit", nargs)
-    fut = (<AsyncCore>core)._loop_for_call(executor).create_future()
-    (<AsyncCore>core).push(<object>args[0], <object>args[1], _rest(args, nargs),
-                           _kwargs(args, nargs, kwnames), fut, PyContext_CopyCurrent())
+    fut = _aio_submit(core, executor, <object>args[0], <object>args[1], _rest(args, nargs),
+                      _kwargs(args, nargs, kwnames))
     Py_INCREF_raw(<PyObject *>fut)   # the caller's reference
     return <PyObject *>fut
 
@@ -392,9 +410,8 @@ cdef PyObject *_aio_execute_vc(PyObject *self, PyObject **args, Py_ssize_t nargs
     if type(core) is not AsyncCore:
         return _aio_forward(core, "execute", args, nargs, kwnames)
     _check_call(b"execute", nargs)
-    (<AsyncCore>core)._loop_for_call(executor)
-    (<AsyncCore>core).push(<object>args[0], <object>args[1], _rest(args, nargs),
-                           _kwargs(args, nargs, kwnames), None, PyContext_CopyCurrent())
+    _aio_execute(core, executor, <object>args[0], <object>args[1], _rest(args, nargs),
+                 _kwargs(args, nargs, kwnames))
     Py_INCREF_raw(<PyObject *>None)
     return <PyObject *>None
 
