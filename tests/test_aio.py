@@ -206,6 +206,70 @@ def test_job_submitting_to_its_own_key_runs_after_it(run: Runner) -> None:
     assert order == ["first", "second"]
 
 
+def test_order_holds_while_a_keys_queue_wraps_around_and_grows(run: Runner) -> None:
+    """Jobs that each queue two more on their own key, while earlier ones drain:
+    the key's queue wraps around and grows mid-wrap, and keeps FIFO order."""
+    ran: list[int] = []
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any](concurrency=1, batch=3) as ex:
+            submitted = 0
+
+            def submit() -> None:
+                nonlocal submitted
+                ex.execute("k", job, submitted)
+                submitted += 1
+
+            async def job(i: int) -> None:
+                ran.append(i)
+                if submitted < 300:
+                    submit()
+                    submit()
+                if i % 5 == 0:
+                    await asyncio.sleep(0)
+
+            async def all_ran() -> None:
+                while len(ran) < submitted or submitted < 300:
+                    await asyncio.sleep(0)
+
+            ex.execute("other", asyncio.sleep, 0)  # another key takes turns (batch)
+            for _ in range(3):
+                submit()
+            await within(all_ran())
+
+    run(main())
+    assert ran == list(range(len(ran))) and len(ran) >= 300
+
+
+def test_queued_jobs_keep_their_contexts_across_cycle_collections(run: Runner) -> None:
+    """Contexts wait in the queue out of the collector's sight: collections while
+    jobs are queued (values in reference cycles) leave every job its context."""
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var")
+
+    class Node:
+        def __init__(self, i: int) -> None:
+            self.i, self.me = i, self
+
+    async def job(i: int) -> bool:
+        if i % 50 == 0:
+            gc.collect()
+        if i % 3 == 0:
+            await asyncio.sleep(0)
+        return bool(var.get().i == i)
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any](concurrency=4) as ex:
+            futs = []
+            for i in range(600):
+                var.set(Node(i))
+                futs.append(ex.submit(i % 7, job, i))
+                if i % 100 == 0:
+                    gc.collect()
+            assert all(await within(asyncio.gather(*futs)))
+
+    run(main())
+
+
 # -- results and exceptions --------------------------------------------------------
 
 
