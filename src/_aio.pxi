@@ -29,6 +29,7 @@ cdef extern from "Python.h":
     void PyObject_GC_Track(void *o)
     void PyObject_GC_UnTrack(void *o)
     int PyObject_GC_IsTracked(PyObject *o)
+    object PyObject_Call(object fn, object args, object kwargs)
     PyObject *PyObject_Vectorcall(PyObject *fn, PyObject **args, size_t nargsf,
                                   PyObject *kwnames) except NULL
 
@@ -42,6 +43,7 @@ cdef extern from *:
 
 from asyncio import BaseEventLoop as _aio_BaseEventLoop, get_running_loop as _aio_get_running_loop
 from collections import deque as _aio_deque
+from asyncio import futures as _aio_futures
 from inspect import cleandoc as inspect_cleandoc
 from types import CoroutineType as _aio_CoroutineType
 
@@ -50,6 +52,7 @@ cdef object _aio_job_var = None       # aio._current_job
 cdef object _aio_as_coroutine = None  # aio._as_coroutine: any awaitable -> coroutine
 cdef object _aio_not_callable = None  # aio._not_callable: the TypeError's text
 cdef str _aio_closed = ""             # aio._CLOSED
+cdef object _aio_base_create_future = _aio_BaseEventLoop.create_future
 cdef object _aio_YIELD = None, _aio_STOP = None
 
 
@@ -173,6 +176,7 @@ cdef class AsyncCore:
     cdef public object owner        # weak reference to the AsyncKeyedExecutor
     cdef object _loop
     cdef bint loop_has_thread_id    # _loop is an asyncio.BaseEventLoop (_loop_for_call)
+    cdef dict future_kwargs         # {"loop": _loop} if it keeps BaseEventLoop.create_future
     cdef public bint closed
     cdef public int concurrency, batch
     cdef public dict keys
@@ -201,6 +205,15 @@ cdef class AsyncCore:
     def loop(self, loop):
         self._loop = loop
         self.loop_has_thread_id = isinstance(loop, _aio_BaseEventLoop)
+        self.future_kwargs = None
+        if self.loop_has_thread_id and type(loop).create_future is _aio_base_create_future:
+            self.future_kwargs = {"loop": loop}
+
+    cdef object new_future(self, loop):
+        if self.future_kwargs is not None and loop is self._loop:
+            # What BaseEventLoop.create_future does, without its Python frame.
+            return PyObject_Call(_aio_futures.Future, (), self.future_kwargs)
+        return loop.create_future()
 
     @staticmethod
     def _setup(job_var, as_coroutine, not_callable, str closed, yield_, stop):
@@ -380,7 +393,7 @@ cdef PyObject *_aio_forward(core, name, PyObject **args, Py_ssize_t nargs,
 
 
 cdef object _aio_submit(AsyncCore core, executor, key, fn, tuple args, kwargs):
-    fut = core._loop_for_call(executor).create_future()
+    fut = core.new_future(core._loop_for_call(executor))
     core.push(key, fn, args, kwargs, fut, PyContext_CopyCurrent())
     return fut
 

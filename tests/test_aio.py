@@ -1053,6 +1053,37 @@ def test_submit_on_the_loops_thread_while_the_loop_is_stopped_is_refused(
         loop.close()
 
 
+def test_submit_takes_its_futures_from_the_loops_own_create_future() -> None:
+    """A loop that overrides create_future gets its own futures; the core builds
+    asyncio.Future itself only in place of BaseEventLoop.create_future."""
+
+    class MyFuture(asyncio.Future):  # type: ignore[type-arg]
+        pass
+
+    class MyLoop(asyncio.SelectorEventLoop):
+        def create_future(self) -> asyncio.Future[Any]:
+            return MyFuture(loop=self)
+
+    async def job() -> int:
+        return 7
+
+    async def main() -> type:
+        async with AsyncKeyedExecutor[Any]() as ex:
+            fut = ex.submit("k", job)
+            assert fut.get_loop() is asyncio.get_running_loop()
+            assert await within(fut) == 7
+            return type(fut)
+
+    for loop_type, future_type in [(asyncio.SelectorEventLoop, asyncio.Future),
+                                   (MyLoop, MyFuture)]:
+        loop = loop_type()
+        try:
+            assert loop.run_until_complete(main()) is future_type
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
 def test_base_event_loop_keeps_the_thread_running_it_in_thread_id() -> None:
     """The CPython detail the native core's submit relies on (src/_aio.pxi,
     _loop_for_call): a BaseEventLoop's ``_thread_id`` is the running thread's
