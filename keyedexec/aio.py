@@ -13,10 +13,12 @@ job queued or running; a runner exits when no key is ready.
 
 A job is not a task of its own: its runner drives the job's coroutine itself,
 each step in the job's own context (a copy of the submitter's, as
-``asyncio.create_task`` makes), so a job costs a tuple and a context, plus a
-future for ``submit``. A job that finishes without suspending never leaves the
-runner's loop; one that suspends is awaited through :class:`_Drive`, which
-forwards each step, ``ctx.run(coro.send, ...)``. What this means inside a job:
+``asyncio.create_task`` makes), so a job costs a context, plus a future for
+``submit`` (the native core queues it in a C ring, with its context out of the
+cycle collector's sight until it runs; here, a tuple in a deque). A job that
+finishes without suspending never leaves the runner's loop; one that suspends
+is awaited through :class:`_Drive`, which forwards each step,
+``ctx.run(coro.send, ...)``. What this means inside a job:
 
 * ``asyncio.current_task()`` is the runner serving the job (shared, one job at
   a time). ``asyncio.timeout`` and ``asyncio.TaskGroup`` work as in any task:

@@ -41,10 +41,10 @@ cdef extern from *:
     """
     object ke_method_descriptor(object type, PyMethodDef *meth)
 
-from asyncio import BaseEventLoop as _aio_BaseEventLoop, get_running_loop as _aio_get_running_loop
+from asyncio import BaseEventLoop as _aio_BaseEventLoop, futures as _aio_futures
+from asyncio import get_running_loop as _aio_get_running_loop
 from collections import deque as _aio_deque
-from asyncio import futures as _aio_futures
-from inspect import cleandoc as inspect_cleandoc
+from inspect import cleandoc as _aio_cleandoc
 from types import CoroutineType as _aio_CoroutineType
 
 # Set by keyedexec.aio (AsyncCore._setup): what the core shares with the facade.
@@ -233,7 +233,7 @@ cdef class AsyncCore:
         for i, name in enumerate(("submit", "execute")):
             doc = getattr(cls, name).__doc__
             if doc:   # the Python method's docstring, after the signature C needs
-                _aio_docs[i] = _AIO_SIGNATURES[i] + b"\n--\n\n" + inspect_cleandoc(doc).encode()
+                _aio_docs[i] = _AIO_SIGNATURES[i] + b"\n--\n\n" + _aio_cleandoc(doc).encode()
                 _AIO_FAST_DEFS[i].ml_doc = _aio_docs[i]
         return tuple(ke_method_descriptor(cls, &_AIO_FAST_DEFS[i]) for i in range(2))
 
@@ -251,10 +251,10 @@ cdef class AsyncCore:
         loop = self._loop
         if self.loop_has_thread_id:
             # An asyncio.BaseEventLoop keeps in ``_thread_id`` the thread that runs
-            # it, None when stopped: a private attribute, stable since 3.4 (pinned by
-            # tests/test_aio.py). On 3.10/3.11 get_running_loop() calls getpid(), a
-            # system call, every time; this read is a dict lookup.
-            thread_id = loop._thread_id
+            # it, None when stopped: a private attribute, in every CPython we support
+            # (pinned by tests/test_aio.py). On 3.10/3.11 get_running_loop() calls
+            # getpid(), a system call, every time; this read is a dict lookup.
+            thread_id = getattr(loop, "_thread_id", None)
             if thread_id is not None and <unsigned long>thread_id == PyThread_get_thread_ident():
                 return loop
         try:
