@@ -29,7 +29,8 @@ is awaited through :class:`_Drive`, which forwards each step,
 * Cancelling the runner itself (``asyncio.current_task().cancel()`` in a job,
   or ``asyncio.run`` cancelling the tasks left at its end) cancels the job it
   runs and then stops that runner; the keys it would have served wait for the
-  next submit or for ``shutdown``, which start runners again.
+  next submit or for ``shutdown``, which start runners again (if the executor
+  is dropped first, their futures are cancelled).
 * A runner yields to the loop after ``batch`` jobs in a row that did not
   suspend, so that jobs which never await do not starve the loop.
 
@@ -829,6 +830,34 @@ class AsyncKeyedExecutor(Generic[K]):
             from_threads = list(self._from_threads)
         for cf in from_threads:
             cf.cancel()
+
+    def __del__(self) -> None:
+        # Dropped with jobs queued that no runner will run (its runners were
+        # cancelled, and no submit or shutdown started another since): cancel
+        # them, as the loop's end would, so that no one awaits them forever.
+        core = getattr(self, "_core", None)
+        if core is None or not core.pending:
+            return
+        futures: list[asyncio.Future[Any]] = []
+        for ks in list(self._keys.values()):
+            futures.extend(ks.drop())
+        self._keys.clear()
+        self._ready.clear()
+        loop = self._loop
+        if not futures or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for fut in futures:  # the cycle collector may run this in any thread
+            if loop is running:
+                fut.cancel()
+            else:
+                try:
+                    loop.call_soon_threadsafe(fut.cancel)
+                except RuntimeError:  # closed meanwhile: nothing runs its awaiters any more
+                    return
 
     async def aclose(self) -> None:
         """``await shutdown(wait=True)``: run everything accepted, then return."""
