@@ -9,7 +9,8 @@
 * ``aio-execute``: ``AsyncKeyedExecutor.execute`` (no future), then ``aclose``.
 
 Each round runs on one event loop kept for the whole benchmark; the figure is
-tasks / median round time. The goals are ratios within this run (report.py).
+tasks / median round time, over rounds enough to span about a second (after an
+untimed one). The goals are ratios within this run (report.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import math
+import time
 from typing import Any, Awaitable, Callable, Coroutine, Iterator
 
 import pytest
@@ -32,6 +35,7 @@ except ImportError:
 
 N = SIZES.base_tasks
 CONCURRENCY = 100  # AsyncKeyedExecutor's default, and the hand-written pattern's semaphore
+WINDOW, MAX_ROUNDS = 1.0, 60  # each competitor's timed rounds span about WINDOW seconds
 
 LABELS.update({
     "aio-native": "AsyncKeyedExecutor native",
@@ -63,8 +67,14 @@ def _bench(benchmark: Any, loop: asyncio.AbstractEventLoop, make_round: Callable
         gc.collect()  # the previous round's garbage is not this round's cost
         return (make_round(),), {}
 
-    benchmark.pedantic(lambda r: loop.run_until_complete(r()), setup=setup,
-                       rounds=SIZES.rounds)
+    # Rounds enough to span WINDOW seconds: a fast competitor's few short rounds
+    # would otherwise all fall in one burst of the machine's other load, or in
+    # one lull, while its baseline's long rounds average over both.
+    gc.collect()
+    start = time.perf_counter()
+    loop.run_until_complete(make_round()())  # also the warm-up round
+    rounds = min(MAX_ROUNDS, max(SIZES.rounds, math.ceil(WINDOW / (time.perf_counter() - start))))
+    benchmark.pedantic(lambda r: loop.run_until_complete(r()), setup=setup, rounds=rounds)
     record_rate(benchmark, scenario, competitor, N, baseline=baseline)
 
 

@@ -13,10 +13,12 @@ job queued or running; a runner exits when no key is ready.
 
 A job is not a task of its own: its runner drives the job's coroutine itself,
 each step in the job's own context (a copy of the submitter's, as
-``asyncio.create_task`` makes), so a job costs a tuple and a context, plus a
-future for ``submit``. A job that finishes without suspending never leaves the
-runner's loop; one that suspends is awaited through :class:`_Drive`, which
-forwards each step, ``ctx.run(coro.send, ...)``. What this means inside a job:
+``asyncio.create_task`` makes), so a job costs a context, plus a future for
+``submit`` (the native core queues it in a C ring, with its context out of the
+cycle collector's sight until it runs; here, a tuple in a deque). A job that
+finishes without suspending never leaves the runner's loop; one that suspends
+is awaited through :class:`_Drive`, which forwards each step,
+``ctx.run(coro.send, ...)``. What this means inside a job:
 
 * ``asyncio.current_task()`` is the runner serving the job (shared, one job at
   a time). ``asyncio.timeout`` and ``asyncio.TaskGroup`` work as in any task:
@@ -27,7 +29,8 @@ forwards each step, ``ctx.run(coro.send, ...)``. What this means inside a job:
 * Cancelling the runner itself (``asyncio.current_task().cancel()`` in a job,
   or ``asyncio.run`` cancelling the tasks left at its end) cancels the job it
   runs and then stops that runner; the keys it would have served wait for the
-  next submit or for ``shutdown``, which start runners again.
+  next submit or for ``shutdown``, which start runners again (if the executor
+  is dropped first, their futures are cancelled).
 * A runner yields to the loop after ``batch`` jobs in a row that did not
   suspend, so that jobs which never await do not starve the loop.
 
@@ -81,8 +84,9 @@ __all__ = ["AsyncKeyedExecutor"]
 R = TypeVar("R")
 P = ParamSpec("P")
 
-# (coro_fn, args, kwargs, future or None, the submitter's context,
-#  submit time in ns (the coarse clock unless timed), timed)
+# A job queued by _PyCore: (coro_fn, args, kwargs, future or None, the
+# submitter's context, submit time in ns, timed). The native core keeps the
+# same fields in a C struct (AioJob, src/_aio.pxi).
 _Job = tuple[
     Callable[..., Awaitable[Any]],
     tuple[Any, ...],
@@ -113,6 +117,24 @@ class _KeyState:
         self.jobs: deque[_Job] = deque()
         # _QUEUED: in the ready queue; _SERVED: held by a runner.
         self.serving = _QUEUED
+
+    @property
+    def queued(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def oldest(self) -> int:
+        """The oldest queued job's submit stamp (ns), or 0 if none is queued."""
+        try:
+            return self.jobs[0][5]
+        except IndexError:  # hot_keys from another thread: emptied meanwhile
+            return 0
+
+    def drop(self) -> list[asyncio.Future[Any]]:
+        """Take every queued job off; returns their futures (execute's have none)."""
+        futures = [job[3] for job in self.jobs if job[3] is not None]
+        self.jobs.clear()
+        return futures
 
 
 class _Runner(asyncio.Task):  # type: ignore[type-arg]
@@ -206,14 +228,17 @@ def _not_callable(fn: object) -> str:
 
 
 # The job a task belongs to, inherited by the tasks the job starts: shutdown()
-# awaited anywhere inside a job must not wait for that job.
-_current_job: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
+# awaited anywhere inside a job must not wait for that job. Its value is a bare
+# object() made for the job (its runner's ``state.job``), never the job itself:
+# the job holds its context, and a context holding the job would be a reference
+# cycle, leaving every finished job to the cycle collector.
+_current_job: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "keyedexec_aio_job", default=None
 )
 
 
 def _start(
-    job: _Job, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    job: object, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Coroutine[Any, Any, Any], Any]:
     """In the job's context: call ``coro_fn`` and take the coroutine's first
     step. Returns (coroutine, what it awaits); StopIteration: done already."""
@@ -242,15 +267,16 @@ async def _await(aw: Awaitable[Any]) -> Any:
 class _State:
     """A runner's place in the work: the key it serves and the job it runs."""
 
-    __slots__ = ("drive", "job", "ks", "seq", "served", "started", "stops", "unyielded")
+    __slots__ = ("drive", "job", "ks", "seq", "served", "stamp", "started", "stops", "unyielded")
 
     def __init__(self) -> None:
         self.seq = 0  # jobs started (the slow-job check)
-        self.started = 0  # a timed job's start (ns)
+        self.stamp = 0  # the running job's submit stamp (ns), if it is timed
+        self.started = 0  # its start (ns) if it is timed, else 0
         self.ks: _KeyState | None = None
         self.served = 0  # jobs of ks run in this turn (batch)
         self.unyielded = 0  # jobs run since the runner last let the loop run
-        self.job: _Job | None = None  # the job running now
+        self.job: object | None = None  # the running job's mark (_current_job)
         self.drive: _Drive | None = None  # its driver, while it is suspended
         self.stops = 0  # cancel requests to the runner not taken back (see _Runner)
 
@@ -293,9 +319,6 @@ class _PyCore:
         self.timing.record(stamp, started, ended)
 
     now_ns = staticmethod(monotonic_ns)  # the clock of the jobs' stamps
-
-    def _fast_methods(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        return self.submit, self.execute
 
     def submit(self, key: Any, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
                ) -> asyncio.Future[Any]:
@@ -386,19 +409,21 @@ class _PyCore:
                 st.unyielded = 0
                 return YIELD
             st.served += 1
-            job = jobs.popleft()
+            fn, args, kwargs, fut, ctx, stamp, timed = jobs.popleft()
             self.pending -= 1
-            fn, args, kwargs, fut, ctx, stamp, timed = job
             if fut is not None and fut.done():  # cancelled before its turn
                 self.cancelled += 1
                 continue
             self.running += 1
-            st.job = job
+            st.job = mark = object()
             st.seq += 1
             if timed:
+                st.stamp = stamp
                 st.started = monotonic_ns()
+            else:
+                st.started = 0
             try:
-                coro, step = ctx.run(_start, job, fn, args, kwargs)
+                coro, step = ctx.run(_start, mark, fn, args, kwargs)
             except StopIteration as stop:  # done without suspending: the fast path
                 st.unyielded += 1
                 self.running -= 1
@@ -516,8 +541,6 @@ class AsyncKeyedExecutor(Generic[K]):
         core = self._core = self._Core(
             weakref.ref(self), self._concurrency, self._batch, sample_timings
         )
-        # The hot paths, bound straight to the core: no Python frame in between.
-        self.submit, self.execute = core._fast_methods()  # type: ignore[method-assign]
         self._keys: dict[Any, _KeyState] = core.keys
         self._ready: deque[_KeyState] = core.ready
         self._runners: set[_Runner] = core.runners
@@ -728,7 +751,7 @@ class AsyncKeyedExecutor(Generic[K]):
         """The rest of a job that suspended at its first step."""
         core = self._core
         ks: _KeyState = st.ks
-        job: _Job = st.job
+        stamp, started = st.stamp, st.started  # started: 0 unless the job is timed
         drive = st.drive = _Drive(coro, ctx, step)
         if fut is not None:
             fut.add_done_callback(drive.future_done)
@@ -737,12 +760,12 @@ class AsyncKeyedExecutor(Generic[K]):
         except GeneratorExit:
             raise  # the runner is closed with its loop
         except BaseException as exc:
-            if job[6] and not isinstance(exc, _CancelledError):
-                core.record(job[5], st.started, core.now_ns())
+            if started and not isinstance(exc, _CancelledError):
+                core.record(stamp, started, core.now_ns())
             self._failed_or_cancelled(ks.key, fut, exc)
         else:
-            if job[6]:
-                core.record(job[5], st.started, core.now_ns())
+            if started:
+                core.record(stamp, started, core.now_ns())
             core.completed += 1
             if fut is not None and not fut.done():
                 fut.set_result(result)
@@ -751,7 +774,7 @@ class AsyncKeyedExecutor(Generic[K]):
             st.job = st.drive = None
             if fut is not None:
                 fut.remove_done_callback(drive.future_done)
-            if not ks.jobs and not st.stops and self._keys.get(ks.key) is ks:
+            if not ks.queued and not st.stops and self._keys.get(ks.key) is ks:
                 # Freed now rather than when the runner goes on: metrics() is
                 # exact by the time the job's awaiter resumes.
                 del self._keys[ks.key]
@@ -820,9 +843,8 @@ class AsyncKeyedExecutor(Generic[K]):
         futures: list[asyncio.Future[Any]] = []
         n = 0
         for ks in states:
-            n += len(ks.jobs)
-            futures.extend(job[3] for job in ks.jobs if job[3] is not None)
-            ks.jobs.clear()
+            n += ks.queued
+            futures.extend(ks.drop())
             if ks.serving == _QUEUED:
                 del self._keys[ks.key]  # the caller takes it off the ready queue
         self._core.pending -= n
@@ -915,6 +937,34 @@ class AsyncKeyedExecutor(Generic[K]):
         for cf in from_threads:
             cf.cancel()
 
+    def __del__(self) -> None:
+        # Dropped with jobs queued that no runner will run (its runners were
+        # cancelled, and no submit or shutdown started another since): cancel
+        # them, as the loop's end would, so that no one awaits them forever.
+        core = getattr(self, "_core", None)
+        if core is None or not core.pending:
+            return
+        futures: list[asyncio.Future[Any]] = []
+        for ks in list(self._keys.values()):
+            futures.extend(ks.drop())
+        self._keys.clear()
+        self._ready.clear()
+        loop = self._loop
+        if not futures or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for fut in futures:  # the cycle collector may run this in any thread
+            if loop is running:
+                fut.cancel()
+            else:
+                try:
+                    loop.call_soon_threadsafe(fut.cancel)
+                except RuntimeError:  # closed meanwhile: nothing runs its awaiters any more
+                    return
+
     async def aclose(self) -> None:
         """``await shutdown(wait=True)``: run everything accepted, then return."""
         await self.shutdown(wait=True)
@@ -931,7 +981,7 @@ class AsyncKeyedExecutor(Generic[K]):
     def pending(self, key: K) -> int:
         """Jobs queued for ``key`` and not started."""
         ks = self._keys.get(key)
-        return 0 if ks is None else len(ks.jobs)
+        return 0 if ks is None else ks.queued
 
     def stats(self) -> Stats:
         """``Stats(concurrency, pending)``: pending = queued + running."""
@@ -967,14 +1017,10 @@ class AsyncKeyedExecutor(Generic[K]):
         now = self._core.now_ns()
         entries = []
         for ks in list(self._keys.values()):
-            jobs = ks.jobs
-            try:
-                stamp = jobs[0][5] if jobs else 0
-            except IndexError:  # emptied meanwhile, by the loop's thread
-                stamp = 0
+            queued, stamp = ks.queued, ks.oldest
             running = ks.serving == _SERVED
-            if jobs or running:
-                entries.append((ks.key, len(jobs), running, max(0, now - stamp) if stamp else None))
+            if queued or running:
+                entries.append((ks.key, queued, running, max(0, now - stamp) if stamp else None))
         return hot_keys(entries, n)
 
     @property
@@ -1004,6 +1050,13 @@ if _impl.NATIVE:
     from ._core import AsyncCore as _NativeCore  # it takes what it shares with us from here
 
     AsyncKeyedExecutor._Core = _NativeCore
+    # submit and execute in C: one call from the caller to the queue, no frame of
+    # ours. Method descriptors, so a saved ``ex.submit`` keeps ``ex`` alive; with
+    # another core (the pure twin) they call its submit/execute.
+    for _name, _method in zip(("submit", "execute"),
+                              _NativeCore.executor_methods(AsyncKeyedExecutor)):
+        setattr(AsyncKeyedExecutor, _name, _method)
+    del _name, _method
 else:
     AsyncKeyedExecutor._Core = _PyCore
 

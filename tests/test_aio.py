@@ -206,6 +206,70 @@ def test_job_submitting_to_its_own_key_runs_after_it(run: Runner) -> None:
     assert order == ["first", "second"]
 
 
+def test_order_holds_while_a_keys_queue_wraps_around_and_grows(run: Runner) -> None:
+    """Jobs that each queue two more on their own key, while earlier ones drain:
+    the key's queue wraps around and grows mid-wrap, and keeps FIFO order."""
+    ran: list[int] = []
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any](concurrency=1, batch=3) as ex:
+            submitted = 0
+
+            def submit() -> None:
+                nonlocal submitted
+                ex.execute("k", job, submitted)
+                submitted += 1
+
+            async def job(i: int) -> None:
+                ran.append(i)
+                if submitted < 300:
+                    submit()
+                    submit()
+                if i % 5 == 0:
+                    await asyncio.sleep(0)
+
+            async def all_ran() -> None:
+                while len(ran) < submitted or submitted < 300:
+                    await asyncio.sleep(0)
+
+            ex.execute("other", asyncio.sleep, 0)  # another key takes turns (batch)
+            for _ in range(3):
+                submit()
+            await within(all_ran())
+
+    run(main())
+    assert ran == list(range(len(ran))) and len(ran) >= 300
+
+
+def test_queued_jobs_keep_their_contexts_across_cycle_collections(run: Runner) -> None:
+    """Contexts wait in the queue out of the collector's sight: collections while
+    jobs are queued (values in reference cycles) leave every job its context."""
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var")
+
+    class Node:
+        def __init__(self, i: int) -> None:
+            self.i, self.me = i, self
+
+    async def job(i: int) -> bool:
+        if i % 50 == 0:
+            gc.collect()
+        if i % 3 == 0:
+            await asyncio.sleep(0)
+        return bool(var.get().i == i)
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any](concurrency=4) as ex:
+            futs = []
+            for i in range(600):
+                var.set(Node(i))
+                futs.append(ex.submit(i % 7, job, i))
+                if i % 100 == 0:
+                    gc.collect()
+            assert all(await within(asyncio.gather(*futs)))
+
+    run(main())
+
+
 # -- results and exceptions --------------------------------------------------------
 
 
@@ -963,6 +1027,85 @@ def test_submit_off_the_loop_thread_points_to_submit_threadsafe(run: Runner) -> 
         first.close()
 
 
+def test_submit_on_the_loops_thread_while_the_loop_is_stopped_is_refused(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The loop's own thread, between two runs of the loop: no loop runs the call."""
+
+    async def noop() -> None:
+        pass
+
+    async def adopt() -> AsyncKeyedExecutor[str]:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        await within(ex.submit("k", noop))
+        return ex
+
+    loop = new_loop()
+    try:
+        ex = loop.run_until_complete(adopt())
+        for call in (ex.submit, ex.execute):
+            with pytest.raises(RuntimeError, match="event loop's thread"):
+                call("k", noop)
+        assert ex.metrics().submitted == 1
+        loop.run_until_complete(ex.aclose())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_submit_takes_its_futures_from_the_loops_own_create_future() -> None:
+    """A loop that overrides create_future gets its own futures; the core builds
+    asyncio.Future itself only in place of BaseEventLoop.create_future."""
+
+    class MyFuture(asyncio.Future):  # type: ignore[type-arg]
+        pass
+
+    class MyLoop(asyncio.SelectorEventLoop):
+        def create_future(self) -> asyncio.Future[Any]:
+            return MyFuture(loop=self)
+
+    async def job() -> int:
+        return 7
+
+    async def main() -> type:
+        async with AsyncKeyedExecutor[Any]() as ex:
+            fut = ex.submit("k", job)
+            assert fut.get_loop() is asyncio.get_running_loop()
+            assert await within(fut) == 7
+            return type(fut)
+
+    for loop_type, future_type in [(asyncio.SelectorEventLoop, asyncio.Future),
+                                   (MyLoop, MyFuture)]:
+        loop = loop_type()
+        try:
+            assert loop.run_until_complete(main()) is future_type
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def test_base_event_loop_keeps_the_thread_running_it_in_thread_id() -> None:
+    """The CPython detail the native core's submit relies on (src/_aio.pxi,
+    _loop_for_call): a BaseEventLoop's ``_thread_id`` is the running thread's
+    ident while it runs, None otherwise."""
+    seen: list[Any] = []
+
+    async def main() -> None:
+        seen.append(asyncio.get_running_loop()._thread_id)  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        seen.append(asyncio.get_running_loop()._thread_id)  # type: ignore[attr-defined]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop)
+        assert loop._thread_id is None  # type: ignore[attr-defined]
+        loop.run_until_complete(main())
+        assert seen == [threading.get_ident()] * 2
+        assert loop._thread_id is None  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
 def test_executor_created_outside_a_loop_binds_to_its_first(run: Runner) -> None:
     """Constructed before asyncio.run, it adopts the loop of its first use."""
     ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
@@ -1019,6 +1162,67 @@ def test_a_dropped_executor_is_freed_without_the_cycle_collector(run: Runner) ->
         assert run(main())
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("suspends", [False, True])
+def test_a_finished_jobs_arguments_and_context_are_freed_without_the_cycle_collector(
+    run: Runner, suspends: bool
+) -> None:
+    """Fast path and slow path: nothing a job held (its arguments, the values it
+    set in its context) outlives it waiting for the cycle collector."""
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var")
+
+    class Thing:
+        pass
+
+    async def job(arg: Thing) -> None:
+        var.set(Thing())
+        refs.append(weakref.ref(var.get()))
+        if suspends:
+            await asyncio.sleep(0)
+
+    refs: list[weakref.ref[Thing]] = []
+
+    async def main() -> None:
+        async with AsyncKeyedExecutor[Any]() as ex:
+            arg = Thing()
+            refs.append(weakref.ref(arg))
+            await within(ex.submit("k", job, arg))
+            del arg
+            ex.execute("k", job, Thing())
+        await asyncio.sleep(0)
+        assert len(refs) == 3 and [r() for r in refs] == [None] * 3
+
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()
+
+
+def test_saved_bound_methods_keep_their_executor_alive(run: Runner) -> None:
+    """``submit = AsyncKeyedExecutor().submit``: like any bound method, it keeps
+    working after the last other reference to the executor is gone."""
+
+    async def job(x: int) -> int:
+        return x
+
+    async def main() -> list[int]:
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor()
+        submit, execute = ex.submit, ex.execute
+        ref = weakref.ref(ex)
+        del ex
+        gc.collect()
+        assert ref() is not None
+        execute("k", job, 0)
+        out = await within(asyncio.gather(submit("k", job, 1), submit("j", job, 2)))
+        ex = ref()
+        assert ex is not None
+        await ex.aclose()
+        assert ex.metrics().completed == 3
+        return out
+
+    assert run(main()) == [1, 2]
 
 
 def test_repr_and_properties(run: Runner) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
+import weakref
 from typing import Any
 
 import pytest
@@ -143,6 +145,42 @@ def test_current_task_is_the_runner_and_cancelling_it_stops_that_runner(run: Run
     run(main())
     assert ran == ["a", "b", "c"]
     assert tasks[0] is tasks[1] and tasks[2] is not tasks[0]
+
+
+def test_jobs_left_without_a_runner_are_cancelled_when_the_executor_is_dropped(
+    run: Runner,
+) -> None:
+    """Its runner stopped, the executor dropped before any submit or shutdown
+    started another: the queued jobs' futures are cancelled, not left pending."""
+
+    async def main() -> None:
+        async def suicide() -> None:
+            me = asyncio.current_task()
+            assert me is not None
+            me.cancel()
+            await asyncio.sleep(0)
+
+        async def job(i: int) -> int:
+            return i
+
+        ex: AsyncKeyedExecutor[str] = AsyncKeyedExecutor(concurrency=1)
+        doomed = ex.submit("k", suicide)
+        left = [ex.submit(k, job, i) for i, k in enumerate("kkj")]
+        ex.execute("k", job, 3)
+        with pytest.raises(asyncio.CancelledError):
+            await within(doomed)
+        ref = weakref.ref(ex)
+        del ex
+        for _ in range(10):  # the stopped runner's done callbacks run, and let go of it
+            await asyncio.sleep(0)
+            gc.collect()
+            if ref() is None:
+                break
+        assert ref() is None
+        await within(asyncio.wait(left))
+        assert all(f.cancelled() for f in left)
+
+    run(main())
 
 
 @pytest.mark.parametrize("suspends", [False, True])

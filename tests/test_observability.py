@@ -403,6 +403,40 @@ def test_async_executor_times_jobs_and_reports_hot_keys(aio_core: Any) -> None:
     asyncio.run(main())
 
 
+def test_async_hot_keys_age_follows_the_queue_head(aio_core: Any) -> None:
+    """oldest_wait is the age of the job now at the head of the key's queue:
+    once the older head starts, the next job's (later) stamp counts."""
+
+    async def main() -> None:
+        first, second = asyncio.Event(), asyncio.Event()
+        async with AsyncKeyedExecutor(concurrency=1, sample_timings=0) as ex:
+            try:
+                blocker = ex.submit("k", first.wait)
+                await asyncio.sleep(0)
+                older = ex.submit("k", second.wait)
+                await asyncio.sleep(0.2)
+                before_newer = time.monotonic()
+                newer = ex.submit("k", _return)
+                [hot] = ex.hot_keys()
+                assert (hot.queued, hot.running) == (2, True)
+                assert hot.oldest_wait is not None and hot.oldest_wait >= 0.15  # older's
+                first.set()
+                await asyncio.wait_for(blocker, T)
+                await asyncio.sleep(0)  # older is running now, newer heads the queue
+                [hot] = ex.hot_keys()
+                assert (hot.queued, hot.running) == (1, True)
+                # The coarse clock may lag a tick; older's stamp is >= 0.2 s older.
+                assert hot.oldest_wait is not None
+                assert hot.oldest_wait <= time.monotonic() - before_newer + 0.05
+            finally:
+                first.set()
+                second.set()
+            await asyncio.wait_for(asyncio.gather(older, newer), T)
+            assert ex.hot_keys() == []
+
+    asyncio.run(main())
+
+
 async def _return() -> int:
     return 1
 
