@@ -458,6 +458,9 @@ def test_retry_runs_every_task_at_least_once_in_order(cluster: str, tmp_path: Pa
             ex2.execute("killer", die_once)
         results = [f.result(WAIT) for f in fs]
         assert results == [i for i in range(n) for _k in range(keys)]
+        # The killer may still be on its way when the others are done: wait for its
+        # second, successful run (the death and the retry are behind it).
+        assert ex2.wait_key("killer", WAIT)
         m = ex2.metrics()
         assert m.restarts >= 1 and m.retried > 0
     runs: dict[int, list[int]] = {}
