@@ -250,7 +250,6 @@ def test_taskpool_backpressure_from_many_threads(impl: Any) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not FREE_THREADED_BUILD, reason="needs a free-threaded (3.13t) build")
 def test_keys_queued_together_on_idle_workers_all_get_one(h: Any) -> None:
     """An idle worker polls for work a moment before it sleeps, and submitters wake
     nobody while it does; the keys queued meanwhile must still each get a worker
@@ -270,6 +269,8 @@ def test_keys_queued_together_on_idle_workers_all_get_one(h: Any) -> None:
         assert wait_until(lambda: ex.metrics().running == 0, h.wait)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not FREE_THREADED_BUILD, reason="needs a free-threaded (3.13t) build")
 def test_import_keeps_the_gil_disabled() -> None:
     """Importing keyedexec and its compiled core does not switch the GIL back on
     (the extension declares itself free-threading compatible)."""
