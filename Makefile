@@ -43,8 +43,13 @@ typecheck: $(STAMP)
 
 # The comparison table (bench/README.md): quick sizes, a few minutes on 2 cores.
 # Results: bench/results/ (latest.json, benchmark.json, bench.png with the 'chart' extra).
+# Then the submitters x workers matrix (bench/freethreaded.py) on this interpreter and,
+# when the free-threaded 3.13t is cached (make test-ft), on that one too.
 bench: build
 	$(PY) -m pytest bench $(PYTEST_ARGS)
+	$(PY) bench/freethreaded.py --json bench/results/freethreaded-gil.json
+	@if [ -x "$(FT_CACHE)/bin/python3.13t" ]; then $(MAKE) --no-print-directory bench-ft; \
+	else echo "no free-threaded 3.13t cached in $(FT_CACHE): 'make test-ft' builds one"; fi
 
 # Full sizes (1 M tasks, 1 ... 64 I/O workers); tens of minutes. Single benchmarks
 # outlast faulthandler_timeout there, which would only dump stacks: off.
@@ -71,9 +76,10 @@ FT_CACHE ?= $(HOME)/.cache/keyedexec/python3.13t
 FT_VENV ?= .venv-ft
 FT_PY := $(FT_VENV)/bin/python
 
-.PHONY: test-ft
+.PHONY: test-ft ft-build bench-ft
 
-test-ft:
+# The free-threaded venv and the cp313t extension in place (no tests).
+ft-build:
 	@ft=$$(KEYEDEXEC_FT_CACHE="$(FT_CACHE)" scripts/build-python-ft.sh) || exit 1; \
 	ft=$$(printf '%s\n' "$$ft" | tail -n 1); \
 	if ! $(FT_PY) -c 'import sys; assert not sys._is_gil_enabled()' 2>/dev/null; then \
@@ -92,7 +98,13 @@ test-ft:
 	KEYEDEXEC_REQUIRE_NATIVE=1 $(FT_PY) -c "import sys, keyedexec; assert keyedexec.NATIVE; \
 		assert not sys._is_gil_enabled(), 'importing keyedexec re-enabled the GIL'; \
 		print('keyedexec', keyedexec.__version__, 'native core on', sys.version.split()[0], 'GIL disabled')"
+
+test-ft: ft-build
 	KEYEDEXEC_REQUIRE_NATIVE=1 $(FT_PY) -m pytest $(PYTEST_ARGS)
+
+# The submitters x workers matrix on the free-threaded 3.13t (part of 'make bench').
+bench-ft: ft-build
+	$(FT_PY) bench/freethreaded.py --json bench/results/freethreaded-ft.json
 
 # Packaging. 'make wheel' builds the sdist, then the wheel from that sdist (python -m build,
 # isolated), into dist/. 'make test-wheel' installs that wheel into a fresh virtualenv

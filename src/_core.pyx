@@ -111,6 +111,7 @@ cdef extern from "sync.h" nogil:
     void ke_notify_one(ke_cond *cv)
     void ke_notify_all(ke_cond *cv)
     void ke_cpu_relax()
+    void *ke_peek(void *const *p)
 
 
 cdef extern from "blocks.h" nogil:
@@ -168,6 +169,7 @@ cdef enum:
 
 DEF MIN_TABLE_BITS = 6
 DEF SPINS = 100
+DEF POLL_NS = 20000       # how long an idle worker polls for work before it blocks
 DEF INLINE_COMPARED = 8   # _locate's keys compared unlocked, before it allocates
 DEF NBUCKETS = 28         # timing histograms: <= 1 us, <= 2 us, ... <= 2**26 us (67 s), +Inf
 DEF SCAN_SLOTS = 4096     # hot_keys: key-table slots scanned per hold of the mutex
@@ -286,6 +288,26 @@ cdef inline void _acquire(ke_mutex *mu) noexcept:
         ke_lock(mu)
 
 
+cdef inline bint _poll(void *const *p) noexcept nogil:
+    """Poll ``*p`` (without the mutex) until it is non-NULL or POLL_NS passed.
+
+    Blocking on the condition variable costs a futex wait here and a futex
+    wake (a system call) in the submitter that finds this worker asleep: more
+    than a no-op task. A worker that polls a little first usually finds the
+    next task without either."""
+    cdef uint64_t deadline = 0
+    cdef int i = 0
+    while ke_peek(p) is NULL:
+        ke_cpu_relax()
+        i += 1
+        if i & 63 == 0:   # the clock costs ~25 ns: read it every 64 polls
+            if deadline == 0:
+                deadline = ke_now_ns() + POLL_NS
+            elif ke_now_ns() >= deadline:
+                return False
+    return True
+
+
 cdef inline void _release_task(Task *t) noexcept:
     Py_DECREF_raw(t.fn)
     Py_DECREF_raw(t.args)
@@ -311,6 +333,9 @@ cdef class Scheduler:
     cdef int max_workers
     cdef int nthreads           # started and not exited (or about to start)
     cdef int idle               # waiting on work_cv
+    cdef int pollers            # idle workers polling for work (_poll): at most one;
+                                # submitters wake nobody meanwhile (see _worker_main)
+    cdef int polling            # 1: one polls and no submit has handed it a key yet
     cdef int wakeups            # notified, not yet awake
     cdef int blocked            # submitters waiting on space_cv
     cdef int closing
@@ -681,7 +706,7 @@ cdef class Scheduler:
                 if deadline is not None and _monotonic() >= deadline:
                     timed_out = True
                 continue
-            if ((ks is NULL or ks.flags == S_IDLE) and self.idle <= self.wakeups
+            if ((ks is NULL or ks.flags == S_IDLE) and self.idle + self.polling <= self.wakeups
                     and self.nthreads < self.max_workers and (not spawned or self.nthreads == 0)):
                 # The key will be ready and no worker is free: start one first.
                 self.nthreads += 1
@@ -728,7 +753,9 @@ cdef class Scheduler:
             self.submitted += 1
             if ks.flags == S_IDLE:
                 self._ready_push(ks)
-                if self.idle > self.wakeups:
+                if self.polling:
+                    self.polling = 0   # the polling worker takes this one
+                elif self.idle > self.wakeups and not self.pollers:
                     self.wakeups += 1
                     notify = True
             break
@@ -882,6 +909,7 @@ cdef class Scheduler:
         cdef uint32_t served = 0
         cdef int status = 0
         cdef bint notify_space, woke, retire = False, fresh = True
+        cdef bint polled = False, searching = False
         cdef double wait
         cdef unsigned long me = PyThread_get_thread_ident()
         cdef WorkerSlot slot
@@ -961,6 +989,14 @@ cdef class Scheduler:
                 ks.flags = S_RUNNING
                 ks.runner = me
                 served = 0
+                if searching:
+                    searching = False
+                    # Submitters woke nobody while a worker polled; a worker
+                    # that was idle hands what is left ready to a sleeping one
+                    # (who does the same): off the submitters' path.
+                    if self.ready_head is not NULL and self.idle > self.wakeups and not self.pollers:
+                        self.wakeups += 1
+                        ke_notify_one(self.work_cv)
                 continue
             if self.closing:
                 break
@@ -970,6 +1006,23 @@ cdef class Scheduler:
                 dead = NULL
                 held = NULL
                 continue
+            if not polled and not self.pollers:
+                # Nothing to do: poll a little before blocking (_poll), one
+                # worker at a time: on a machine with few cores, more pollers
+                # would take the cores from the threads that submit and run.
+                # To submitters it is an idle worker that needs no wake-up:
+                # the first key made ready meanwhile is its (self.polling).
+                self.pollers = 1
+                self.polling = 1
+                polled = searching = True
+                with nogil:
+                    ke_unlock(self.mu)
+                    _poll(<void **>&self.ready_head)
+                _acquire(self.mu)
+                self.pollers = 0
+                self.polling = 0
+                continue
+            polled = False
             # Nothing to do: wait without the GIL.
             self.idle += 1
             # A worker that has run nothing yet does not retire: it was started
@@ -988,6 +1041,7 @@ cdef class Scheduler:
             if retire:
                 self._notify_exited()
                 return
+            searching = True
             _acquire(self.mu)
         self.nthreads -= 1
         self._unlink_worker(&slot)
@@ -1493,6 +1547,8 @@ cdef class Scheduler:
         self.closing = CLOSED_FORK
         self.nthreads = 1 if survivor else 0
         self.idle = 0
+        self.pollers = 0
+        self.polling = 0
         self.wakeups = 0
         self.blocked = 0
         self._joining = 0

@@ -56,4 +56,15 @@ static inline void ke_cpu_relax(void) {
 #endif
 }
 
+/* A read of a pointer the mutex guards, made without the mutex: a hint that
+ * the caller re-checks under it. Relaxed atomic, so the compiler reloads it
+ * on each call instead of hoisting it out of a polling loop. */
+static inline void *ke_peek(void *const *p) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+#else
+    return *(void *const volatile *)p;
+#endif
+}
+
 #endif

@@ -250,6 +250,26 @@ def test_taskpool_backpressure_from_many_threads(impl: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_keys_queued_together_on_idle_workers_all_get_one(h: Any) -> None:
+    """An idle worker polls for work a moment before it sleeps, and submitters wake
+    nobody while it does; the keys queued meanwhile must still each get a worker
+    (the poller takes one and wakes a sleeper, which wakes the next ...): the
+    tasks meet at a barrier that only all four together can pass."""
+    ex = h.executor(4)
+    warm = threading.Barrier(4, timeout=h.wait)
+    for f in [ex.submit(("warm", i), warm.wait) for i in range(4)]:
+        f.result(h.wait)
+    for round_ in range(30):   # each round starts with the workers idle again
+        meet = threading.Barrier(4, timeout=h.wait)
+        # A no-op first: its worker is polling, or about to, as the others arrive.
+        ex.execute(("lead", round_), int)
+        futures = [ex.submit((round_, i), meet.wait) for i in range(4)]
+        for f in futures:
+            f.result(h.wait)   # BrokenBarrierError if a key waited behind another
+        assert wait_until(lambda: ex.metrics().running == 0, h.wait)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.skipif(not FREE_THREADED_BUILD, reason="needs a free-threaded (3.13t) build")
 def test_import_keeps_the_gil_disabled() -> None:
     """Importing keyedexec and its compiled core does not switch the GIL back on
