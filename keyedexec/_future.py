@@ -160,7 +160,9 @@ class _PyFutureBase(Future[Any]):
             try:
                 raise exc
             finally:
-                del exc  # no reference cycle through the traceback
+                # No reference cycle exception -> traceback -> this frame -> future
+                # -> exception (as Future.result, which sets ``self = None``).
+                del exc, self
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
