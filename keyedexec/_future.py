@@ -184,6 +184,10 @@ class _PyFutureBase(Future[Any]):
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
+        if self._state == RUNNING:
+            # Running already: _set_state_if_pending would answer RUNNING as if
+            # it had set it. (Another caller racing this one is a misuse anyway.)
+            raise RuntimeError(f"Future in unexpected state: {RUNNING}")
         state = _set_state_if_pending(self, RUNNING)
         if state == RUNNING:
             return True

@@ -192,6 +192,21 @@ def test_result_and_exception_timeout_while_blocked(ex: Any, gate: threading.Eve
     assert fut.result(T) == 42
 
 
+def test_set_running_or_notify_cancel_twice_raises_as_the_stdlib() -> None:
+    """Used as a plain Future (a hand-written executor): a second
+    set_running_or_notify_cancel() is a RuntimeError, as on the stdlib's.
+    (The pure future answered True again: PENDING -> RUNNING could not tell
+    'I set RUNNING' from 'it was RUNNING already'.)"""
+    for fut in (cf.Future(), KeyedFuture()):
+        assert fut.set_running_or_notify_cancel() is True
+        with pytest.raises(RuntimeError, match="unexpected state"):
+            fut.set_running_or_notify_cancel()
+        assert fut.running()
+        fut.set_result(1)
+        with pytest.raises(RuntimeError, match="unexpected state"):
+            fut.set_running_or_notify_cancel()
+
+
 def test_result_of_a_failed_future_makes_no_reference_cycle(ex: Any) -> None:
     """result() re-raises the task's exception without a cycle exception ->
     traceback -> result()'s frame -> future -> exception, as the stdlib does:
