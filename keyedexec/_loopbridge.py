@@ -20,6 +20,7 @@ silently: nobody can await it any more.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import threading
 import weakref
 from concurrent.futures import Future
@@ -85,9 +86,24 @@ class _Inbox:
             if exc is None:
                 fut.set_result(task.result())
             else:
-                if isinstance(exc, StopIteration):  # asyncio futures refuse it
-                    exc = RuntimeError(f"task raised {exc!r}")
-                fut.set_exception(exc)
+                fut.set_exception(_for_asyncio(exc))
+
+
+def _for_asyncio(exc: BaseException) -> BaseException:
+    """The exception the awaiter gets: as ``asyncio.wrap_future`` converts it
+    (concurrent.futures' CancelledError, TimeoutError and InvalidStateError
+    become asyncio's), and StopIteration, which asyncio futures refuse, becomes
+    a RuntimeError instead of leaving the awaiter hanging."""
+    cls = type(exc)
+    if cls is cf.CancelledError:
+        return asyncio.CancelledError(*exc.args)
+    if cls is cf.TimeoutError:
+        return asyncio.TimeoutError(*exc.args)
+    if cls is cf.InvalidStateError:
+        return asyncio.InvalidStateError(*exc.args)
+    if isinstance(exc, StopIteration):
+        return RuntimeError(f"task raised {exc!r}")
+    return exc
 
 
 # The inbox of the loop this thread ran last: a running loop belongs to one
