@@ -89,18 +89,24 @@ class _Inbox:
                 fut.set_exception(_for_asyncio(exc))
 
 
+# concurrent.futures' errors that asyncio has classes of its own for (TimeoutError
+# is one class since 3.11).
+_ASYNCIO_ERRORS: dict[type[BaseException], type[BaseException]] = {
+    cf.CancelledError: asyncio.CancelledError,
+    cf.InvalidStateError: asyncio.InvalidStateError,
+}
+if cf.TimeoutError is not asyncio.TimeoutError:
+    _ASYNCIO_ERRORS[cf.TimeoutError] = asyncio.TimeoutError
+
+
 def _for_asyncio(exc: BaseException) -> BaseException:
     """The exception the awaiter gets: as ``asyncio.wrap_future`` converts it
-    (concurrent.futures' CancelledError, TimeoutError and InvalidStateError
-    become asyncio's), and StopIteration, which asyncio futures refuse, becomes
-    a RuntimeError instead of leaving the awaiter hanging."""
-    cls = type(exc)
-    if cls is cf.CancelledError:
-        return asyncio.CancelledError(*exc.args)
-    if cls is cf.TimeoutError:
-        return asyncio.TimeoutError(*exc.args)
-    if cls is cf.InvalidStateError:
-        return asyncio.InvalidStateError(*exc.args)
+    (concurrent.futures' errors become asyncio's, traceback kept), and
+    StopIteration, which asyncio futures refuse, becomes a RuntimeError
+    instead of leaving the awaiter hanging."""
+    cls = _ASYNCIO_ERRORS.get(type(exc))
+    if cls is not None:
+        return cls(*exc.args).with_traceback(exc.__traceback__)
     if isinstance(exc, StopIteration):
         return RuntimeError(f"task raised {exc!r}")
     return exc
