@@ -397,14 +397,21 @@ def test_copy_of_a_subclass_keeps_its_type_and_attributes() -> None:
     assert type(dup) is Tagged and dup.tag == "t" and dup.result(0) == 5
 
 
-@native_future
-def test_pickling_a_future_is_a_clear_type_error(ex: Any) -> None:
-    """As the stdlib's Future (its lock cannot be pickled): in every state."""
+def test_pickling_a_future_is_a_clear_type_error(ex: Any, gate: threading.Event) -> None:
+    """As the stdlib's Future (its lock cannot be pickled): in every state,
+    watched or not. (The pure future pickled while nobody watched it: a queued
+    task's future arrived elsewhere as a PENDING future that never ends.)"""
     fut = ex.submit("k", int, 4)
     fut.result(T)
-    for f in (fut, KeyedFuture()):
+    block(ex, "b", gate)
+    queued = ex.submit("b", int, 5)
+    for f in (fut, queued, KeyedFuture()):
         with pytest.raises(TypeError, match="cannot pickle 'KeyedFuture'"):
             pickle.dumps(f)
+        with pytest.raises(TypeError, match="cannot pickle 'KeyedFuture'"):
+            copy.deepcopy(f)
+    gate.set()
+    assert queued.result(T) == 5
 
 
 # -- the native condition ----------------------------------------------------------------------
