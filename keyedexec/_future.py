@@ -35,6 +35,7 @@ Two implementations of that state, one class name:
 
 from __future__ import annotations
 
+import copyreg
 import os
 import platform
 import threading
@@ -160,7 +161,9 @@ class _PyFutureBase(Future[Any]):
             try:
                 raise exc
             finally:
-                del exc  # no reference cycle through the traceback
+                # No reference cycle exception -> traceback -> this frame -> future
+                # -> exception (as Future.result, which sets ``self = None``).
+                del exc, self
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -182,6 +185,10 @@ class _PyFutureBase(Future[Any]):
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
+        if self._state == RUNNING:
+            # Running already: _set_state_if_pending would answer RUNNING as if
+            # it had set it. (Another caller racing this one is a misuse anyway.)
+            raise RuntimeError(f"Future in unexpected state: {RUNNING}")
         state = _set_state_if_pending(self, RUNNING)
         if state == RUNNING:
             return True
@@ -248,6 +255,34 @@ class _PyFutureBase(Future[Any]):
     def _claim(self) -> bool:
         """PENDING -> RUNNING unless cancel() came first: the worker's claim."""
         return _set_state_if_pending(self, RUNNING) == RUNNING
+
+    # -- copy and pickle: as the native future -----------------------------------
+
+    def __copy__(self) -> Any:
+        """A snapshot: a new future in the same state (a final one's outcome),
+        without the original's condition, waiters and callbacks. As copy.copy of
+        the stdlib's Future, ``__init__`` is not called and a subclass's own
+        attributes (instance dict, slots) are copied shallowly."""
+        cls = type(self)
+        dup = cls.__new__(cls)
+        state = {k: v for k, v in self.__dict__.items() if k not in _WATCHING}
+        if state.get("_state") == CANCELLED:
+            state["_state"] = CANCELLED_AND_NOTIFIED
+        dup.__dict__.update(state)
+        for name in copyreg._slotnames(cls):  # type: ignore[attr-defined]
+            if hasattr(self, name):
+                setattr(dup, name, getattr(self, name))
+        return dup
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Refused even while nobody watches (no lock to trip over, unlike the
+        # stdlib's): an unpickled copy would be a future that never ends.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object: a future is a handle "
+                        "on a task of this process")
+
+
+# What a future builds when watched: never shared by a copy.
+_WATCHING = frozenset({"_condition", "_waiters", "_done_callbacks", "_watched"})
 
 
 def _set_state_if_pending_by_dict(fut: _PyFutureBase, state: str) -> str:

@@ -20,6 +20,7 @@ silently: nobody can await it any more.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import threading
 import weakref
 from concurrent.futures import Future
@@ -85,9 +86,30 @@ class _Inbox:
             if exc is None:
                 fut.set_result(task.result())
             else:
-                if isinstance(exc, StopIteration):  # asyncio futures refuse it
-                    exc = RuntimeError(f"task raised {exc!r}")
-                fut.set_exception(exc)
+                fut.set_exception(_for_asyncio(exc))
+
+
+# concurrent.futures' errors that asyncio has classes of its own for (TimeoutError
+# is one class since 3.11).
+_ASYNCIO_ERRORS: dict[type[BaseException], type[BaseException]] = {
+    cf.CancelledError: asyncio.CancelledError,
+    cf.InvalidStateError: asyncio.InvalidStateError,
+}
+if cf.TimeoutError is not asyncio.TimeoutError:
+    _ASYNCIO_ERRORS[cf.TimeoutError] = asyncio.TimeoutError
+
+
+def _for_asyncio(exc: BaseException) -> BaseException:
+    """The exception the awaiter gets: as ``asyncio.wrap_future`` converts it
+    (concurrent.futures' errors become asyncio's, traceback kept), and
+    StopIteration, which asyncio futures refuse, becomes a RuntimeError
+    instead of leaving the awaiter hanging."""
+    cls = _ASYNCIO_ERRORS.get(type(exc))
+    if cls is not None:
+        return cls(*exc.args).with_traceback(exc.__traceback__)
+    if isinstance(exc, StopIteration):
+        return RuntimeError(f"task raised {exc!r}")
+    return exc
 
 
 # The inbox of the loop this thread ran last: a running loop belongs to one

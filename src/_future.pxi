@@ -37,6 +37,7 @@
 #    completion against someone starting to watch). On a free-threaded build
 #    the same sections take a lock striped by address instead (_seal).
 
+import copyreg as _copyreg
 import os as _os
 from concurrent.futures import Future as _StdFuture
 from concurrent.futures._base import (
@@ -701,8 +702,18 @@ cdef class FutureBase:
             _LOGGER.exception("exception calling callback for %r", self)
 
     def __copy__(self):
-        """A snapshot: a new future in the same state (a final one's outcome)."""
-        copy = type(self)()
+        """A snapshot: a new future in the same state (a final one's outcome).
+        As copy.copy of the stdlib's Future, ``__init__`` is not called and a
+        subclass's own attributes (instance dict, slots) are copied shallowly."""
+        cls = type(self)
+        copy = cls.__new__(cls)
+        if cls is not _future_class:   # KeyedFuture itself has none of its own
+            state = getattr(self, "__dict__", None)
+            if state:
+                copy.__dict__.update(state)
+            for name in _copyreg._slotnames(cls):
+                if hasattr(self, name):
+                    setattr(copy, name, getattr(self, name))
         st = self.st
         (<FutureBase>copy).st = _NOTIFIED if st is _CANCELLED else st
         (<FutureBase>copy).res = self.res

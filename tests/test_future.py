@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -188,6 +190,49 @@ def test_result_and_exception_timeout_while_blocked(ex: Any, gate: threading.Eve
     assert not fut.done() and not fut.running()
     gate.set()
     assert fut.result(T) == 42
+
+
+def test_set_running_or_notify_cancel_twice_raises_as_the_stdlib() -> None:
+    """Used as a plain Future (a hand-written executor): a second
+    set_running_or_notify_cancel() is a RuntimeError, as on the stdlib's.
+    (The pure future answered True again: PENDING -> RUNNING could not tell
+    'I set RUNNING' from 'it was RUNNING already'.)"""
+    for fut in (cf.Future(), KeyedFuture()):
+        assert fut.set_running_or_notify_cancel() is True
+        with pytest.raises(RuntimeError, match="unexpected state"):
+            fut.set_running_or_notify_cancel()
+        assert fut.running()
+        fut.set_result(1)
+        with pytest.raises(RuntimeError, match="unexpected state"):
+            fut.set_running_or_notify_cancel()
+
+
+def test_result_of_a_failed_future_makes_no_reference_cycle(ex: Any) -> None:
+    """result() re-raises the task's exception without a cycle exception ->
+    traceback -> result()'s frame -> future -> exception, as the stdlib does:
+    the future (and what it holds) is freed by its last reference, and one
+    whose exception outlives it (an exception object shared between tasks)
+    is not kept alive by it. (The pure future's result() kept ``self`` in its
+    frame: freed only by the cyclic GC, or never while the exception lived.)"""
+    shared = Boom("shared")
+
+    def raise_shared() -> None:
+        raise shared
+
+    for fn in (boom, raise_shared):
+        fut = ex.submit("k", fn)
+        assert isinstance(fut.exception(T), Boom)
+        ref = weakref.ref(fut)
+        gc.disable()
+        try:
+            with pytest.raises(Boom):
+                fut.result()
+            with pytest.raises(Boom):
+                fut.result(T)
+            del fut
+            assert ref() is None
+        finally:
+            gc.enable()
 
 
 def test_exception_for_failed_and_ok(ex: Any) -> None:

@@ -379,14 +379,39 @@ def test_copy_of_a_finished_future_has_its_outcome(ex: Any) -> None:
     assert isinstance(copy.copy(bad).exception(0), Boom)
 
 
-@native_future
-def test_pickling_a_future_is_a_clear_type_error(ex: Any) -> None:
-    """As the stdlib's Future (its lock cannot be pickled): in every state."""
+class Tagged(KeyedFuture[Any]):
+    """A subclass whose __init__ needs an argument, with an attribute of its own."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+
+def test_copy_of_a_subclass_keeps_its_type_and_attributes() -> None:
+    """copy.copy never calls __init__ (as for the stdlib's Future): a subclass
+    whose __init__ takes arguments is copied too, with its own attributes.
+    (The native copy called ``type(self)()``: TypeError, attributes lost.)"""
+    fut = Tagged("t")
+    fut.set_result(5)
+    dup = copy.copy(fut)
+    assert type(dup) is Tagged and dup.tag == "t" and dup.result(0) == 5
+
+
+def test_pickling_a_future_is_a_clear_type_error(ex: Any, gate: threading.Event) -> None:
+    """As the stdlib's Future (its lock cannot be pickled): in every state,
+    watched or not. (The pure future pickled while nobody watched it: a queued
+    task's future arrived elsewhere as a PENDING future that never ends.)"""
     fut = ex.submit("k", int, 4)
     fut.result(T)
-    for f in (fut, KeyedFuture()):
+    block(ex, "b", gate)
+    queued = ex.submit("b", int, 5)
+    for f in (fut, queued, KeyedFuture()):
         with pytest.raises(TypeError, match="cannot pickle 'KeyedFuture'"):
             pickle.dumps(f)
+        with pytest.raises(TypeError, match="cannot pickle 'KeyedFuture'"):
+            copy.deepcopy(f)
+    gate.set()
+    assert queued.result(T) == 5
 
 
 # -- the native condition ----------------------------------------------------------------------

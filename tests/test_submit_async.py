@@ -10,6 +10,7 @@ many loops in many threads sharing one executor. On both implementations.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import gc
 import threading
 import weakref
@@ -170,6 +171,32 @@ def test_exceptions_reach_the_awaiter_stopiteration_too(h: Any) -> None:
     asyncio.run(main())
     # The outcome is posted before the worker's own accounting: wait for it.
     assert wait_until(lambda: ex.metrics().failed == 2)
+
+
+def test_concurrent_futures_errors_arrive_as_asyncio_errors_as_with_wrap_future(h: Any) -> None:
+    """A task that raises concurrent.futures' CancelledError, TimeoutError or
+    InvalidStateError (it waited on another future): the await raises what
+    ``asyncio.wrap_future`` and ``run_in_executor`` raise, asyncio's own classes.
+    (submit_async raised the concurrent.futures classes: a CancelledError that
+    ``except Exception`` catches, unlike the one asyncio code expects.)"""
+    ex = h.executor(1)
+
+    def fail(exc: BaseException) -> None:
+        raise exc
+
+    async def main() -> None:
+        for exc in (cf.CancelledError("c"), cf.TimeoutError("t"), cf.InvalidStateError("i")):
+            outcomes = []
+            for awaitable in (asyncio.wrap_future(ex.submit("k", fail, exc)),
+                              ex.submit_async("k", fail, exc)):
+                try:
+                    await asyncio.wait_for(awaitable, T)
+                except BaseException as error:  # noqa: BLE001 - the class is the point
+                    outcomes.append((type(error), error.args))
+            assert outcomes[1] == outcomes[0]
+            assert not issubclass(outcomes[0][0], cf.CancelledError)
+
+    asyncio.run(main())
 
 
 def test_loop_closed_with_completions_in_flight(h: Any) -> None:
