@@ -67,15 +67,7 @@ from ._report import log_task_error, report_failure
 from ._timings import HotKey, Recorder, Timings, check_n, hot_keys, timings_from
 from ._typevars import K
 from .errors import QueueFull, ShardLost
-from .executor import (
-    KeyedExecutor,
-    Stats,
-    _cancel_in_reverse,
-    _check_count,
-    _check_timeout,
-    _results,
-    _submit_next,
-)
+from .executor import KeyedExecutor, Stats, _check_count, _check_timeout, map_calls
 
 __all__ = ["DEFAULT_SAMPLE_TIMINGS", "RemoteError", "RoutedExecutor", "Router", "ShardHost",
            "Transport"]
@@ -1176,28 +1168,8 @@ class RoutedExecutor(Generic[K]):
         Ending early cancels the calls not yet sent. ``chunksize`` is accepted and
         ignored: calls travel in batches anyway.
         """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be callable or None, got {type(key).__name__}")
-        timeout = _check_timeout("timeout", timeout)
         _check_count("chunksize", chunksize)
-        if buffersize is not None:
-            _check_count("buffersize", buffersize)
-        end = None if timeout is None else time.monotonic() + timeout
-        submit: Callable[..., KeyedFuture[R]] = self.submit
-        calls = zip(*iterables)
-        fs: deque[KeyedFuture[R]] = deque()
-        try:
-            for args in calls if buffersize is None else itertools.islice(calls, buffersize):
-                fs.append(submit(_independent() if key is None else key(*args), fn, *args))
-        except BaseException:
-            _cancel_in_reverse(fs)
-            raise
-        if buffersize is None:
-            return _results(fs, end, None)
-        return _results(fs, end, functools.partial(
-            _submit_next, weakref.ref(self), calls, fn, _IndependentKeys(key)))  # type: ignore[arg-type]
+        return map_calls(self, fn, iterables, key, timeout, buffersize, _independent)
 
     def cancel_key(self, key: K) -> int:
         """Cancel ``key``'s tasks that have not started, waiting for its shard's
@@ -1303,13 +1275,3 @@ def _restore_independent(n: int) -> _Independent:
 
 def _independent() -> _Independent:
     return _Independent()
-
-
-class _IndependentKeys:
-    """map(buffersize=)'s key function: the user's, or a fresh independent key."""
-
-    def __init__(self, key: Callable[..., Any] | None) -> None:
-        self.key = key
-
-    def __call__(self, *args: Any) -> Any:
-        return _Independent() if self.key is None else self.key(*args)

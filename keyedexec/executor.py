@@ -401,27 +401,7 @@ class KeyedExecutor(Generic[K]):
         it ever ran cancels nothing, as in the stdlib. ``chunksize`` is
         accepted and ignored, as by ThreadPoolExecutor.
         """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be callable or None, got {type(key).__name__}")
-        timeout = _check_timeout("timeout", timeout)
-        if buffersize is not None:
-            _check_count("buffersize", buffersize)
-        end = None if timeout is None else time.monotonic() + timeout
-        submit: Callable[..., KeyedFuture[R]] = self.submit
-        calls = zip(*iterables)
-        fs: deque[KeyedFuture[R]] = deque()
-        try:
-            for args in calls if buffersize is None else itertools.islice(calls, buffersize):
-                fs.append(submit(object() if key is None else key(*args), fn, *args))
-        except BaseException:
-            _cancel_in_reverse(fs)
-            raise
-        if buffersize is None:
-            return _results(fs, end, None)
-        # A weak reference, as in the stdlib: the iterator does not keep the executor alive.
-        return _results(fs, end, functools.partial(_submit_next, weakref.ref(self), calls, fn, key))
+        return map_calls(self, fn, iterables, key, timeout, buffersize, object)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks (later submits raise RuntimeError).
@@ -600,11 +580,61 @@ def _result_or_cancel(fut: KeyedFuture[R], timeout: float | None) -> R:
         del fut  # the traceback keeps this frame: not the future (and its result)
 
 
+def map_calls(
+    executor: Any,
+    fn: Callable[..., R],
+    iterables: tuple[Iterable[Any], ...],
+    key: Callable[..., Any] | None,
+    timeout: float | None,
+    buffersize: int | None,
+    independent: Callable[[], Any],
+) -> Iterator[R]:
+    """``Executor.map`` for a keyed executor (its ``submit(key, fn, *args)``):
+    checks the arguments, submits eagerly (or ``buffersize`` ahead of the results
+    taken) and returns the results' iterator. Without ``key`` each call gets a
+    fresh key from ``independent()``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be callable or None, got {type(key).__name__}")
+    timeout = _check_timeout("timeout", timeout)
+    if buffersize is not None:
+        _check_count("buffersize", buffersize)
+    key_of: Callable[..., Any] = key if key is not None else _Independent(independent)
+    end = None if timeout is None else time.monotonic() + timeout
+    submit: Callable[..., KeyedFuture[R]] = executor.submit
+    calls = zip(*iterables)
+    fs: deque[KeyedFuture[R]] = deque()
+    try:
+        for args in calls if buffersize is None else itertools.islice(calls, buffersize):
+            fs.append(submit(key_of(*args), fn, *args))
+    except BaseException:
+        _cancel_in_reverse(fs)
+        raise
+    if buffersize is None:
+        return _results(fs, end, None)
+    # A weak reference, as in the stdlib: the iterator does not keep the executor alive.
+    return _results(fs, end, functools.partial(_submit_next, weakref.ref(executor), calls, fn,
+                                               key_of))
+
+
+class _Independent:
+    """map()'s key function without ``key``: a fresh key per call, whatever the args."""
+
+    __slots__ = ("new",)
+
+    def __init__(self, new: Callable[[], Any]) -> None:
+        self.new = new
+
+    def __call__(self, *args: Any) -> Any:
+        return self.new()
+
+
 def _submit_next(
-    executor_ref: weakref.ref[KeyedExecutor[Any]],
+    executor_ref: weakref.ref[Any],
     calls: Iterator[tuple[Any, ...]],
     fn: Callable[..., R],
-    key: Callable[..., Any] | None,
+    key_of: Callable[..., Any],
 ) -> KeyedFuture[R] | None:
     """map(buffersize=): submit the next call; None at the end of the input, or
     once the executor is gone."""
@@ -614,4 +644,5 @@ def _submit_next(
     args = next(calls, None)
     if args is None:
         return None
-    return executor.submit(object() if key is None else key(*args), fn, *args)
+    future: KeyedFuture[R] = executor.submit(key_of(*args), fn, *args)
+    return future
