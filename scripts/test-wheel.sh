@@ -58,9 +58,12 @@ for pattern in ["*.so", "*.pyd", "*.pyc", "src/*.cpp", "src/*.c", "src/*.html", 
 for pattern in ["keyedexec/__init__.py", "keyedexec/py.typed", "keyedexec-*.dist-info/licenses/LICENSE"]:
     if not has(wnames, pattern):
         problems.append(f"wheel lacks {pattern}")
-for stub in sorted((root / "keyedexec").glob("*.pyi")):
-    if f"keyedexec/{stub.name}" not in wnames:
-        problems.append(f"wheel lacks keyedexec/{stub.name}")
+# Every module and stub of the package, subpackages included (a subpackage missing from
+# setuptools' package list installs nothing, silently).
+for source in sorted((root / "keyedexec").rglob("*.py*")):
+    name = source.relative_to(root).as_posix()
+    if source.suffix in (".py", ".pyi") and name not in wnames:
+        problems.append(f"wheel lacks {name}")
 for pattern in ["*.pyx", "*.pxd", "*.cpp", "*.c", "*.h", "*.html", "src/*", "tests/*", "examples/*", "*.pyc"]:
     if has(wnames, pattern):
         problems.append(f"wheel ships {pattern}")
