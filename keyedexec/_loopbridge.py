@@ -30,7 +30,7 @@ __all__ = ["AsyncResult", "inbox_for"]
 
 
 class _Batch(list):  # type: ignore[type-arg]
-    """Outcomes waiting for one wake-up: (future, result, exception) triples.
+    """Tasks waiting for one wake-up: (asyncio future, finished task future) pairs.
     A list subclass only to be weakly referenced by its inbox."""
 
     __slots__ = ("__weakref__",)
@@ -41,7 +41,7 @@ def _no_batch() -> None:
 
 
 class _Inbox:
-    """One event loop's inbox of completed calls (see the module docstring)."""
+    """One event loop's inbox of finished tasks (see the module docstring)."""
 
     __slots__ = ("__weakref__", "_lock", "_loop", "_open")
 
