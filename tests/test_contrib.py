@@ -143,7 +143,7 @@ def test_prometheus_scrape_after_a_known_workload(loaded: Any) -> None:
     assert one(s["keyedexec_tasks_pending"], **ex) == 4
     assert one(s["keyedexec_tasks_running"], **ex) == 1
     assert one(s["keyedexec_active_keys"], **ex) == 1
-    assert one(s["keyedexec_workers"], **ex) == 2
+    assert one(s["keyedexec_workers"], **ex) == loaded.metrics().workers  # 1 or 2: timing
     for what in ("wait", "run"):
         count = one(s[f"keyedexec_task_{what}_seconds_count"], **ex)
         assert count == 24  # every task that ran: sample_timings=1
@@ -272,7 +272,7 @@ def test_otel_in_memory_reader_after_a_known_workload(loaded: Any) -> None:
     assert one(p["keyedexec.tasks.pending"], **ex) == 4
     assert one(p["keyedexec.tasks.running"], **ex) == 1
     assert one(p["keyedexec.active_keys"], **ex) == 1
-    assert one(p["keyedexec.workers"], **ex) == 2
+    assert one(p["keyedexec.workers"], **ex) == loaded.metrics().workers  # 1 or 2: timing
     for what in ("wait", "run"):
         assert one(p[f"keyedexec.task.{what}.count"], **ex) == 24
         assert one(p[f"keyedexec.task.{what}.sum"], **ex) > 0
