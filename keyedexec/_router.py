@@ -1015,6 +1015,14 @@ class Router:
             return {**self.counts, "pending": self._unfinished, "in_flight": self._in_flight,
                     "active_keys": len(self._keys)}
 
+    def metric_fields(self) -> tuple[int, ...]:
+        """The fields that ProcessMetrics and RayMetrics share, in their order
+        (after each one's own first field)."""
+        s = self.snapshot()
+        return tuple(s[name] for name in (
+            "pending", "in_flight", "active_keys", "submitted", "completed", "failed",
+            "cancelled", "lost", "retried", "restarts", "recycled"))
+
     def timings(self) -> Timings:
         with self._lock:
             return timings_from(self._timing.raw())

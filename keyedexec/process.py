@@ -218,11 +218,7 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
 
     def metrics(self) -> ProcessMetrics:
         """A snapshot: see :class:`ProcessMetrics`."""
-        s = self._router.snapshot()
-        return ProcessMetrics(
-            self._transport.alive(), s["pending"], s["in_flight"], s["active_keys"],
-            s["submitted"], s["completed"], s["failed"], s["cancelled"], s["lost"],
-            s["retried"], s["restarts"], s["recycled"])
+        return ProcessMetrics(self._transport.alive(), *self._router.metric_fields())
 
     @property
     def processes(self) -> int:

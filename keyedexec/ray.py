@@ -503,11 +503,7 @@ class RayKeyedExecutor(RoutedExecutor[K]):
 
     def metrics(self) -> RayMetrics:
         """A snapshot: see :class:`RayMetrics`."""
-        s = self._router.snapshot()
-        return RayMetrics(
-            self._router.shards, s["pending"], s["in_flight"], s["active_keys"],
-            s["submitted"], s["completed"], s["failed"], s["cancelled"], s["lost"],
-            s["retried"], s["restarts"], s["recycled"])
+        return RayMetrics(self._router.shards, *self._router.metric_fields())
 
     def actor_handles(self) -> dict[int, Any]:
         """The live actors by shard (Ray actor handles): for ``ray.kill`` in a
