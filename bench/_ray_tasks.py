@@ -20,6 +20,12 @@ def work(n: int) -> int:
     return total
 
 
+def work_many(tasks: int, n: int) -> None:
+    """``tasks`` pieces of ``work(n)`` in one call: an actor's share, no executor."""
+    for _ in range(tasks):
+        work(n)
+
+
 class NaiveShard:
     """The naive ordered pattern: a plain synchronous actor per shard runs one
     caller's calls in order, one remote call per task."""

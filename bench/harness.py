@@ -13,7 +13,9 @@ import concurrent.futures
 import math
 import os
 import random
+import statistics
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -417,10 +419,12 @@ if _core is not None:
     POOLS = {"native": native_pool, **POOLS}
 LABELS = {c.name: c.label for c in COMPETITORS}
 # bench/test_processes.py's competitors (their own pools, not Competitor objects).
-LABELS.update(process="keyedexec processes", ppe="ProcessPoolExecutor")
+LABELS.update(process="keyedexec processes", ppe="ProcessPoolExecutor",
+              capacity="2 processes, no executor")
 # bench/test_ray.py's.
 LABELS.update({"ray": "keyedexec Ray, 2 actors", "ray-1": "keyedexec Ray, 1 actor",
-               "ray-naive": "Ray: actor call per task"})
+               "ray-naive": "Ray: actor call per task",
+               "ray-capacity": "2 Ray actors, no executor"})
 
 
 # -- results --------------------------------------------------------------------------------
@@ -482,6 +486,34 @@ def record_rate(
         benchmark=benchmark,
         extra={"tasks": tasks, "tasks_per_s": tasks / seconds, "median_s": seconds},
     )
+
+
+def interleaved(benchmark: Any, runs: dict[str, Callable[[], object]], rounds: int,
+                setup: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds of each of ``runs``, timed in interleaved rounds.
+
+    Every round runs each competitor once, starting from a different one each
+    round. Used where the figure depends on how much of the machine's second
+    core the run gets: on a shared VM that swings within seconds, and
+    back-to-back blocks of rounds would hand one competitor a calm spell and
+    the next a busy one. pytest-benchmark times whole rounds.
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    turn = [0]
+
+    def one_round() -> None:
+        start = turn[0] % len(names)
+        turn[0] += 1
+        for name in names[start:] + names[:start]:
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=rounds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def rss_bytes() -> int | None:
