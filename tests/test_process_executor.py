@@ -28,9 +28,9 @@ from typing import Any, Iterator
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import _process_tasks as tasks
+import _routed_checks as routed
 from conftest import wait_until
 from keyedexec import KeyedExecutor, ShardLost
 from keyedexec._router import RemoteError, RemoteTraceback, Sequencer, ShardHost
@@ -89,17 +89,6 @@ def _settled(ex: Any, **expected: int) -> bool:
     return wait_until(lambda: all(getattr(ex.metrics(), k) == v for k, v in expected.items()))
 
 
-def _check_order(results: list[tuple[Any, int, int, float, float]]) -> None:
-    """Per key: tasks ran in submission order, one at a time."""
-    by_key: dict[Any, list[tuple[Any, int, int, float, float]]] = {}
-    for r in results:
-        by_key.setdefault(r[0], []).append(r)
-    for key, runs in by_key.items():
-        runs.sort(key=lambda r: r[3])  # by start
-        assert [r[1] for r in runs] == sorted(r[1] for r in runs), key
-        for before, after in zip(runs, runs[1:]):
-            assert before[4] <= after[3], f"key {key}: tasks {before[1]} and {after[1]} overlap"
-
 
 # -- order, exactly once, outcomes -------------------------------------------------------
 
@@ -108,7 +97,7 @@ def test_order_and_exactly_once_under_load(ex: ProcessKeyedExecutor[Any]) -> Non
     fs = [(k, i, ex.submit(k, tasks.record, k, i, 0.0002)) for i in range(40) for k in range(12)]
     results = [f.result(30) for _k, _i, f in fs]
     assert [(r[0], r[1]) for r in results] == [(k, i) for k, i, _f in fs]  # each ran, once
-    _check_order(results)
+    routed.check_order(results)
     assert {r[2] for r in results} == set(ex.pids())  # both children took keys
     assert _settled(ex, children=2, pending=0, in_flight=0, active_keys=0)
 
@@ -129,7 +118,7 @@ def test_order_holds_for_keys_unequal_to_their_pickled_copy(
     later task of the key beside the one still running."""
     key, log = make_key(), tmp_path / "log"
     with fresh(1, 2, mp_context=method) as ex2:
-        gate, first = _blocker(ex2, key, tmp_path)  # running in the child
+        gate, first = routed.blocker(ex2, key, tmp_path, 30)  # running in the child
         second = ex2.submit(key, tasks.append, str(log), "k", 2)  # another batch
         assert not wait_until(log.exists, 0.3), "ran beside the task before it"
         gate.touch()
@@ -196,7 +185,7 @@ def test_done_callback_raising_base_exception_on_a_cancelled_task(
         raise SystemExit("from a callback")
 
     with fresh(1, 1, mp_context=method) as ex2:
-        gate, blocker = _blocker(ex2, "c", tmp_path)
+        gate, blocker = routed.blocker(ex2, "c", tmp_path, 30)
         in_child = [ex2.submit("c", tasks.identity, i) for i in range(3)]
         time.sleep(0.1)  # sent: the child cancels them
         in_child[0].add_done_callback(exits)
@@ -266,15 +255,9 @@ def test_map_and_submit_async(ex: ProcessKeyedExecutor[Any]) -> None:
 # -- cancel, wait, shutdown ------------------------------------------------------------------
 
 
-def _blocker(ex: ProcessKeyedExecutor[Any], key: Any, tmp: Path) -> tuple[Path, cf.Future[Any]]:
-    started, gate = tmp / f"started-{key}", tmp / f"gate-{key}"
-    fut = ex.submit(key, tasks.touch_then_wait, str(started), str(gate))
-    assert wait_until(started.exists, 30)
-    return gate, fut
-
 
 def test_cancel_key_in_the_child(ex: ProcessKeyedExecutor[Any], tmp_path: Path) -> None:
-    gate, blocker = _blocker(ex, "c", tmp_path)
+    gate, blocker = routed.blocker(ex, "c", tmp_path, 30)
     queued = [ex.submit("c", tasks.identity, i) for i in range(5)]
     time.sleep(0.05)  # sent: they wait in the child's queue
     assert ex.cancel_key("c") == 5
@@ -297,7 +280,7 @@ def test_cancel_key_before_sending(method: str) -> None:
 
 
 def test_wait_key(ex: ProcessKeyedExecutor[Any], tmp_path: Path) -> None:
-    gate, blocker = _blocker(ex, "w", tmp_path)
+    gate, blocker = routed.blocker(ex, "w", tmp_path, 30)
     after = ex.submit("w", tasks.identity, 1)
     assert ex.wait_key("w", timeout=0.05) is False
     gate.touch()
@@ -313,7 +296,7 @@ def test_shutdown_wait_runs_everything(method: str) -> None:
         fs = [ex2.submit(k, tasks.record, k, i) for i in range(20) for k in range(4)]
         ex2.shutdown(wait=True)
         assert all(f.done() and not f.cancelled() for f in fs)
-        _check_order([f.result() for f in fs])
+        routed.check_order([f.result() for f in fs])
         assert ex2.metrics().children == 0 and ex2.closed
         with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
             ex2.submit("k", tasks.identity, 1)
@@ -340,7 +323,7 @@ def test_shutdown_wait_from_a_done_callback(method: str) -> None:
 
 def test_shutdown_cancel_futures(method: str, tmp_path: Path) -> None:
     with fresh(1, 1, mp_context=method) as ex2:
-        gate, blocker = _blocker(ex2, "b", tmp_path)
+        gate, blocker = routed.blocker(ex2, "b", tmp_path, 30)
         queued = [ex2.submit(k, tasks.identity, k) for k in range(10)]
         time.sleep(0.05)  # most are in the child's queue by now
         ex2.shutdown(wait=False, cancel_futures=True)
@@ -367,7 +350,7 @@ def test_child_killed_mid_stream(method: str) -> None:
                 assert "may or may not have run" in str(exc) and "SIGKILL" in str(exc)
                 lost += 1
         assert ok and lost
-        _check_order(ok)
+        routed.check_order(ok)
         # Replaced, and later submits succeed everywhere.
         assert wait_until(lambda: len(ex2.pids()) == 2, 30)
         assert victim not in ex2.pids()
@@ -412,7 +395,7 @@ def test_max_tasks_per_child_recycles_without_breaking_order(method: str) -> Non
     with fresh(2, 2, mp_context=method, max_tasks_per_child=15) as ex2:
         fs = [ex2.submit(k, tasks.record, k, i) for i in range(15) for k in range(6)]
         results = [f.result(60) for f in fs]
-        _check_order(results)
+        routed.check_order(results)
         assert len({r[2] for r in results}) > 2  # children were replaced
         m = ex2.metrics()
         assert m.recycled >= 2 and m.lost == 0 and m.restarts == 0
@@ -438,7 +421,7 @@ def test_failing_initializer_breaks_the_executor(method: str) -> None:
 
 def test_max_pending_blocks_submit(method: str, tmp_path: Path) -> None:
     with fresh(1, 1, mp_context=method, max_pending=2) as ex2:
-        gate, blocker = _blocker(ex2, "m", tmp_path)
+        gate, blocker = routed.blocker(ex2, "m", tmp_path, 30)
         ex2.submit("m", tasks.identity, 1)
         third: list[cf.Future[Any]] = []
         t = threading.Thread(target=lambda: third.append(ex2.submit("m", tasks.identity, 3)))
@@ -542,7 +525,7 @@ def test_fork_of_the_parent_ends_the_inherited_futures(tmp_path: Path) -> None:
     unfinished futures are cancelled there (as the threaded executor's): a
     thread of the child waiting on one would wait forever."""
     with fresh(1, 1, mp_context="spawn") as ex2:
-        gate, blocker = _blocker(ex2, "b", tmp_path)  # running in the child process
+        gate, blocker = routed.blocker(ex2, "b", tmp_path, 30)  # running in the child process
         queued = [ex2.submit("b", tasks.identity, i) for i in range(3)]
         pid = os.fork()
         if pid == 0:  # the forked copy: report through the exit status only
@@ -582,26 +565,8 @@ def test_ctrl_c_while_waiting_on_a_future(tmp_path: Path) -> None:
 
 # -- model: the same programs on the threaded executor -----------------------------------
 
-GATE = "__gate__"
-KEYS = st.sampled_from(["a", "b", "c", 1, (2, "x")])
-OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("submit"), KEYS, st.booleans()),
-        st.tuples(st.just("cancel"), KEYS),
-        st.tuples(st.just("wait0"), KEYS),
-    ),
-    max_size=20,
-)
+OPS = routed.programs(max_size=20)
 
-
-def _outcome(f: cf.Future[Any]) -> tuple[str, Any]:
-    if f.cancelled():
-        return ("cancelled", None)
-    exc = f.exception(30)
-    if exc is not None:
-        return ("raised", (type(exc), str(exc)))
-    r = f.result()
-    return ("ok", (r[0], r[1]))
 
 
 @pytest.fixture(scope="module")
@@ -620,32 +585,4 @@ def test_model_against_the_threaded_executor(
     """Random submits, cancel_key and wait_key(timeout=0) behind a gate that holds
     the only worker: both executors return the same, end every future the same
     way, and run each key's tasks in order."""
-    tmp = tmp_path_factory.mktemp("model")
-    observed = []
-    for ex_ in model_pair:
-        started, gate = tmp / f"s{len(observed)}", tmp / f"g{len(observed)}"
-        blocker = ex_.submit(GATE, tasks.touch_then_wait, str(started), str(gate))
-        assert wait_until(started.exists, 30)
-        returned: list[Any] = []
-        futures = []
-        for n, op in enumerate(program):
-            if op[0] == "submit":
-                fn = tasks.raise_value_error if op[2] else tasks.record
-                futures.append(ex_.submit(op[1], fn, op[1], n) if not op[2]
-                               else ex_.submit(op[1], fn, n))
-            elif op[0] == "cancel":
-                returned.append(ex_.cancel_key(op[1]))
-            else:
-                waited = ex_.wait_key(op[1], 0)
-                # The threaded executor frees a key whose queued tasks cancel_key
-                # dropped only once a worker passes by: until then wait_key(k, 0)
-                # is False there and True here. Compared where no cancel came first.
-                if ("cancel", op[1]) not in program[:n]:
-                    returned.append(waited)
-        gate.touch()
-        assert blocker.result(30) == "opened"
-        outcomes = [_outcome(f) for f in futures]
-        ran = [f.result() for f in futures if not f.cancelled() and f.exception() is None]
-        _check_order(ran)
-        observed.append((returned, outcomes))
-    assert observed[0] == observed[1]
+    routed.run_model(model_pair, tmp_path_factory.mktemp("model"), program, 30)

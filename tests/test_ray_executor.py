@@ -22,19 +22,18 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 ray = pytest.importorskip(
     "ray", reason="the ray extra is not installed (ray has no wheel for this Python)")
 
 import _process_tasks as tasks  # noqa: E402
+import _routed_checks as routed  # noqa: E402
 from conftest import wait_until  # noqa: E402
 from keyedexec import KeyedExecutor, QueueFull, ShardLost  # noqa: E402
 from keyedexec._router import RemoteError, RemoteTraceback  # noqa: E402
@@ -128,23 +127,6 @@ def ex(cluster: str) -> Iterator[RayKeyedExecutor[Any]]:
         yield shared
 
 
-def _check_order(results: list[tuple[Any, int, int, float, float]]) -> None:
-    """Per key: tasks ran in submission order, one at a time."""
-    by_key: dict[Any, list[tuple[Any, int, int, float, float]]] = {}
-    for r in results:
-        by_key.setdefault(r[0], []).append(r)
-    for key, runs in by_key.items():
-        runs.sort(key=lambda r: r[3])  # by start
-        assert [r[1] for r in runs] == sorted(r[1] for r in runs), key
-        for before, after in zip(runs, runs[1:]):
-            assert before[4] <= after[3], f"key {key}: tasks {before[1]} and {after[1]} overlap"
-
-
-def _blocker(ex: RayKeyedExecutor[Any], key: Any, tmp: Path) -> tuple[Path, cf.Future[Any]]:
-    started, gate = tmp / f"started-{key}", tmp / f"gate-{key}"
-    fut = ex.submit(key, tasks.touch_then_wait, str(started), str(gate))
-    assert wait_until(started.exists, WAIT)
-    return gate, fut
 
 
 # -- operating it: hot keys, timings, exporters --------------------------------------------
@@ -169,7 +151,7 @@ def test_hot_keys_timings_and_exporters(cluster: str, tmp_path: Path) -> None:
         assert [rex.submit(i, tasks.identity, i).result(WAIT) for i in range(3)] == [0, 1, 2]
         rex.execute("bad", tasks.raise_value_error, 1)
         assert wait_until(lambda: rex.metrics().completed == 4, WAIT)
-        gate, held = _blocker(rex, "busy", tmp_path)
+        gate, held = routed.blocker(rex, "busy", tmp_path, WAIT)
         for i in range(2):
             rex.execute("busy", tasks.identity, i)
         assert wait_until(lambda: rex.metrics().in_flight == 3, WAIT)
@@ -210,7 +192,7 @@ def test_order_and_exactly_once_under_load(ex: RayKeyedExecutor[Any]) -> None:
     fs = [(k, i, ex.submit(k, tasks.record, k, i, 0.0002)) for i in range(30) for k in range(12)]
     results = [f.result(WAIT) for _k, _i, f in fs]
     assert [(r[0], r[1]) for r in results] == [(k, i) for k, i, _f in fs]  # each ran, once
-    _check_order(results)
+    routed.check_order(results)
     assert len({r[2] for r in results}) == 2  # both actors took keys
     m = ex.metrics()
     assert (m.actors, m.pending, m.in_flight, m.active_keys) == (2, 0, 0, 0)
@@ -237,7 +219,7 @@ def test_order_under_out_of_order_delivery(cluster: str) -> None:
         results = [f.result(WAIT) for f in fs]
         for t in timers:
             t.join(WAIT)
-        _check_order(results)
+        routed.check_order(results)
         out_of_order = sum(ray.get(h.info.remote(), timeout=WAIT)[1]
                            for h in ex2.actor_handles().values())
         assert out_of_order > 0
@@ -336,7 +318,7 @@ def test_execute_map_submit_async(ex: RayKeyedExecutor[Any], cluster: str) -> No
 
 
 def test_cancel_key_in_the_actor_and_wait_key(ex: RayKeyedExecutor[Any], tmp_path: Path) -> None:
-    gate, blocker = _blocker(ex, "c", tmp_path)
+    gate, blocker = routed.blocker(ex, "c", tmp_path, WAIT)
     queued = [ex.submit("c", tasks.identity, i) for i in range(5)]
     assert wait_until(lambda: ex.metrics().in_flight >= 6, WAIT)  # sent: queued in the actor
     assert ex.wait_key("c", timeout=0.05) is False
@@ -351,7 +333,7 @@ def test_cancel_key_in_the_actor_and_wait_key(ex: RayKeyedExecutor[Any], tmp_pat
 
 def test_backpressure(cluster: str, tmp_path: Path) -> None:
     with fresh(1, 1, max_pending=2, submit_timeout=0.2) as ex2:
-        gate, blocker = _blocker(ex2, "m", tmp_path)
+        gate, blocker = routed.blocker(ex2, "m", tmp_path, WAIT)
         ex2.submit("m", tasks.identity, 1)
         with pytest.raises(QueueFull, match="max_pending=2"):
             ex2.submit("m", tasks.identity, 2)
@@ -359,7 +341,7 @@ def test_backpressure(cluster: str, tmp_path: Path) -> None:
         gate.touch()
         assert blocker.result(WAIT) == "opened"
     with fresh(1, 1, max_pending=2) as ex3:  # no timeout: submit blocks until there is room
-        gate, blocker = _blocker(ex3, "n", tmp_path)
+        gate, blocker = routed.blocker(ex3, "n", tmp_path, WAIT)
         ex3.submit("n", tasks.identity, 1)
         third: list[cf.Future[Any]] = []
         t = threading.Thread(target=lambda: third.append(ex3.submit("n", tasks.identity, 3)))
@@ -377,7 +359,7 @@ def test_shutdown_wait_runs_everything(cluster: str) -> None:
         pids = _actor_pids(ex2)
         ex2.shutdown(wait=True)
         assert all(f.done() and not f.cancelled() for f in fs)
-        _check_order([f.result() for f in fs])
+        routed.check_order([f.result() for f in fs])
         assert ex2._transport.alive() == 0 and ex2.closed
         assert wait_until(lambda: all(_gone(p) for p in pids), 30)  # actors killed
         with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
@@ -387,7 +369,7 @@ def test_shutdown_wait_runs_everything(cluster: str) -> None:
 
 def test_shutdown_cancel_futures(cluster: str, tmp_path: Path) -> None:
     with fresh(1, 1) as ex2:
-        gate, blocker = _blocker(ex2, "b", tmp_path)
+        gate, blocker = routed.blocker(ex2, "b", tmp_path, WAIT)
         queued = [ex2.submit(k, tasks.identity, k) for k in range(10)]
         ex2.shutdown(wait=False, cancel_futures=True)
         assert wait_until(lambda: all(f.cancelled() for f in queued), WAIT)
@@ -418,7 +400,7 @@ def test_actor_killed_mid_stream(cluster: str) -> None:
         ray.kill(victim)
         ok, lost = _outcomes(fs)
         assert ok and lost
-        _check_order(ok)
+        routed.check_order(ok)
         assert wait_until(lambda: ex2.actor_handles().get(0) not in (None, victim), WAIT)
         assert [ex2.submit(k, tasks.identity, k).result(WAIT) for k in range(8)] == list(range(8))
         m = ex2.metrics()
@@ -432,7 +414,7 @@ def test_task_calling_os_exit(cluster: str) -> None:
         with pytest.raises(ShardLost, match="shard 0 died"):
             dead.result(WAIT)
         ok, _lost = _outcomes(fs)
-        _check_order(ok)
+        routed.check_order(ok)
         assert ex2.submit("d", tasks.identity, 2).result(WAIT) == 2
         assert ex2.metrics().restarts == 1
 
@@ -489,7 +471,7 @@ def test_resize_under_load(cluster: str) -> None:
         fs += [ex2.submit(k, tasks.record, k, i, 0.001) for i in range(30, 40)
                for k in range(10)]
         results = [f.result(WAIT) for f in fs]
-        _check_order(results)
+        routed.check_order(results)
         assert [(r[0], r[1]) for r in results] == [(k, i) for i in range(40) for k in range(10)]
         assert wait_until(lambda: ex2._transport.alive() == 1, WAIT)  # the others left
         assert len({ex2.submit(("idle", n), tasks.pid).result(WAIT) for n in range(30)}) == 1
@@ -536,26 +518,8 @@ def test_own_ray_init_and_address(cluster: str) -> None:
 
 # -- model: the same programs on the threaded executor -----------------------------------
 
-GATE = "__gate__"
-KEYS = st.sampled_from(["a", "b", "c", 1, (2, "x")])
-OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("submit"), KEYS, st.booleans()),
-        st.tuples(st.just("cancel"), KEYS),
-        st.tuples(st.just("wait0"), KEYS),
-    ),
-    max_size=15,
-)
+OPS = routed.programs(max_size=15)
 
-
-def _outcome(f: cf.Future[Any]) -> tuple[str, Any]:
-    if f.cancelled():
-        return ("cancelled", None)
-    exc = f.exception(WAIT)
-    if exc is not None:
-        return ("raised", (type(exc), str(exc)))
-    r = f.result()
-    return ("ok", (r[0], r[1]))
 
 
 @pytest.fixture(scope="module")
@@ -574,29 +538,4 @@ def test_model_against_the_threaded_executor(
     """Random submits, cancel_key and wait_key(timeout=0) behind a gate that holds
     the only worker: both executors return the same, end every future the same
     way, and run each key's tasks in order."""
-    tmp = tmp_path_factory.mktemp("model")
-    observed = []
-    for ex_ in model_pair:
-        started, gate = tmp / f"s{len(observed)}", tmp / f"g{len(observed)}"
-        blocker = ex_.submit(GATE, tasks.touch_then_wait, str(started), str(gate))
-        assert wait_until(started.exists, WAIT)
-        returned: list[Any] = []
-        futures = []
-        for n, op in enumerate(program):
-            if op[0] == "submit":
-                futures.append(ex_.submit(op[1], tasks.raise_value_error, n) if op[2]
-                               else ex_.submit(op[1], tasks.record, op[1], n))
-            elif op[0] == "cancel":
-                returned.append(ex_.cancel_key(op[1]))
-            else:
-                waited = ex_.wait_key(op[1], 0)
-                # As in test_process_executor: compared where no cancel came first.
-                if ("cancel", op[1]) not in program[:n]:
-                    returned.append(waited)
-        gate.touch()
-        assert blocker.result(WAIT) == "opened"
-        outcomes = [_outcome(f) for f in futures]
-        ran = [f.result() for f in futures if not f.cancelled() and f.exception() is None]
-        _check_order(ran)
-        observed.append((returned, outcomes))
-    assert observed[0] == observed[1]
+    routed.run_model(model_pair, tmp_path_factory.mktemp("model"), program, WAIT)
