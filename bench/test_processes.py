@@ -34,7 +34,7 @@ from keyedexec import KeyedExecutor
 from keyedexec.process import ProcessKeyedExecutor
 
 PROCESSES = 2
-CPU_TASKS = 2_000 if FULL else 400
+CPU_TASKS = 2_000 if FULL else 1_000
 SUBMIT_TASKS = 100_000 if FULL else 20_000
 PPE_SUBMIT_TASKS = 20_000 if FULL else 4_000
 QUEUED_TASKS = 100_000 if FULL else 20_000

@@ -37,7 +37,7 @@ from keyedexec.ray import RayKeyedExecutor  # noqa: E402
 ACTORS = 2
 SUBMIT_TASKS = 100_000 if FULL else 20_000
 NAIVE_SUBMIT_TASKS = 10_000 if FULL else 2_000
-CPU_TASKS = 2_000 if FULL else 400
+CPU_TASKS = 2_000 if FULL else 1_000
 LATENCY_SAMPLES = 1_000 if FULL else 200
 ROUNDS = 3
 CPU_ROUNDS = 7 if FULL else 5

@@ -214,10 +214,18 @@ class ShardHost:
         self._lock = threading.Lock()
         self._outbox: deque[Outcome] = deque()
         self._ready = threading.Event()
+        self._unreported = 0  # tasks admitted whose outcome is not posted yet
+        self._idle = threading.Event()  # set while _unreported is 0
+        self._idle.set()
 
     @property
     def out_of_order(self) -> int:
         return self._sequencer.out_of_order
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until every admitted task has its outcome
+        posted; whether they all have."""
+        return self._idle.wait(timeout)
 
     def deliver(self, epoch: int, seq: int, batch: Batch) -> None:
         if epoch != self.epoch:
@@ -230,6 +238,9 @@ class ShardHost:
 
     def _admit(self, tasks: list[tuple[int, Any, bytes, str | None]]) -> None:
         with self._lock:
+            self._unreported += len(tasks)
+            if tasks:
+                self._idle.clear()
             queued = self._queued
             for tid, key, _payload, _label in tasks:
                 q = queued.get(key)
@@ -266,6 +277,10 @@ class ShardHost:
 
     def _post(self, *items: Outcome) -> None:
         self._outbox.extend(items)
+        with self._lock:
+            self._unreported -= sum(item[1] != CANCEL_DONE for item in items)
+            if not self._unreported:
+                self._idle.set()
         if not self._ready.is_set():
             self._ready.set()
 

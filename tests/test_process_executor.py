@@ -33,7 +33,7 @@ import _process_tasks as tasks
 import _routed_checks as routed
 from conftest import wait_until
 from keyedexec import KeyedExecutor, ShardLost
-from keyedexec._router import RemoteError, RemoteTraceback, Sequencer, ShardHost
+from keyedexec._router import CANCEL_KEY, RemoteError, RemoteTraceback, Sequencer, ShardHost
 from keyedexec.process import BrokenProcessPool, ProcessKeyedExecutor
 
 METHODS = [m for m in ("spawn", "fork") if m in multiprocessing.get_all_start_methods()]
@@ -459,6 +459,27 @@ def test_shard_host_admits_out_of_order_batches_in_sequence() -> None:
         got.extend(items)
     assert sorted(item[0] for item in got) == [0, 1, 2]
     assert host.out_of_order == 1
+
+
+def test_shard_host_is_idle_once_every_admitted_task_has_an_outcome(tmp_path: Path) -> None:
+    """wait_idle (a Ray actor's cue to answer a result poll at once) waits while
+    an admitted task has no outcome, and counts cancelled tasks as reported."""
+    host = ShardHost(1, epoch=0)
+    assert host.wait_idle(0)  # nothing admitted
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    hold = pickle.dumps((tasks.touch_then_wait, (str(started), str(gate)), {}))
+    quick = pickle.dumps((tasks.identity, ("x",), {}))
+    host.deliver(0, 0, ([(0, 1, hold, None), (1, 2, quick, None)], []))
+    assert wait_until(started.exists, 30)
+    assert not host.wait_idle(0.05)  # running, and queued behind it
+    host.deliver(0, 1, ([], [(CANCEL_KEY, 2, 9)]))  # the queued one: cancelled
+    assert wait_until(lambda: any(item[0] == 9 for item in host.take_results(0.1)), 30)
+    assert not host.wait_idle(0.05)  # the first still runs
+    gate.touch()
+    assert host.wait_idle(30)
+    host.deliver(0, 2, ([(2, 3, quick, None)], []))
+    assert host.wait_idle(30)
+    host.close()
 
 
 # -- process lifecycle: exit, parent death, Ctrl-C ---------------------------------------
