@@ -19,7 +19,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar
+from typing import (Any, Callable, Generic, Iterable, Iterator, NamedTuple, ParamSpec, Sequence,
+                    TypeVar)
 
 from . import _impl, _loopbridge
 from ._future import KeyedFuture
@@ -508,7 +509,10 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
         # there, and that finalizer may submit through this very view.
         self._lock = threading.RLock()
         self._closed = False
-        self._futures: weakref.WeakSet[KeyedFuture[Any]] = weakref.WeakSet()
+        # Unfinished futures in submission order (shutdown cancels the last first).
+        self._futures: weakref.WeakValueDictionary[int, KeyedFuture[Any]] = \
+            weakref.WeakValueDictionary()
+        self._submitted = itertools.count()
 
     @property
     def key(self) -> K:
@@ -521,16 +525,15 @@ class KeyView(concurrent.futures.Executor, Generic[K]):
                     "cannot schedule new futures after shutdown (this view was shut down)"
                 )
             fut = self._executor.submit(self._key, fn, *args, **kwargs)
-            self._futures.add(fut)
+            self._futures[next(self._submitted)] = fut
         return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
-            futures = list(self._futures)
+            futures = list(self._futures.values())
         if cancel_futures:
-            for f in futures:
-                f.cancel()
+            _cancel_in_reverse(futures)
         # From a task of this key, waiting would wait for that very task.
         if wait and not self._executor._sched.serving(self._key):
             concurrent.futures.wait(futures)
@@ -561,7 +564,7 @@ def _results(
         _cancel_in_reverse(fs)
 
 
-def _cancel_in_reverse(fs: deque[KeyedFuture[R]]) -> None:
+def _cancel_in_reverse(fs: Sequence[KeyedFuture[Any]]) -> None:
     # Last first, as the stdlib does: calls with one key start in input order, so a
     # worker racing this loop can never start a call after an earlier one was cancelled.
     for f in reversed(fs):

@@ -109,6 +109,23 @@ def test_view_shutdown_cancel_futures_cancels_its_queued_tasks(h: Any) -> None:
     assert direct.result(T) == "not through the view"
 
 
+def test_view_shutdown_cancels_last_first(h: Any) -> None:
+    """A worker racing view.shutdown(cancel_futures=True) must never start a task
+    after an earlier one of the key was cancelled: the view cancels its tasks
+    last submitted first, as Executor.map and the stdlib do."""
+    ex = h.executor(2)
+    view = ex.for_key("k")
+    gate, running = h.block_with(view.submit)
+    order: list[int] = []
+    queued = [view.submit(lambda: None) for _ in range(40)]
+    for i, f in enumerate(queued):
+        f.add_done_callback(lambda _f, i=i: order.append(i))
+    view.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    assert order == list(range(39, -1, -1))
+    assert running.result(T) == "blocker"
+
+
 def test_finalizer_submitting_through_a_view_inside_its_submit(h: Any) -> None:
     """A collection inside view.submit (it allocates under the view's lock) runs
     a finalizer that submits through the same view: no deadlock, both run."""
