@@ -202,24 +202,32 @@ class _PyFutureBase(Future[Any]):
 
     def _set_outcome(self, result: Any, exception: BaseException | None) -> None:
         """Complete a claimed (RUNNING) future: the worker's fast path."""
-        if exception is None:
-            self._result = result
-        else:
-            self._exception = exception
         with _seal(self):
             if not self._watched:
                 # Nobody watches, and nobody can start before this write: no
                 # waiter has seen the future unfinished. (_state exists since
                 # the claim, so this replaces a value and allocates nothing.)
+                if exception is None:
+                    self._result = result
+                else:
+                    self._exception = exception
                 self._state = FINISHED
                 return
-        self._finish_watched()
+        self._finish_watched(result, exception)
 
-    def _finish_watched(self) -> None:
+    def _finish_watched(self, result: Any, exception: BaseException | None) -> None:
         """Completion when someone may wait: FINISHED under the condition, like
         Future.set_result, so a waiter that saw the future unfinished is notified
-        once and one that saw it finished is not notified at all."""
+        once and one that saw it finished is not notified at all. User code that
+        completed the running future itself (set_result) came first: its outcome
+        stands, the task's is dropped."""
         with self._condition:
+            if self._state == FINISHED:
+                return
+            if exception is None:
+                self._result = result
+            else:
+                self._exception = exception
             self._state = FINISHED
             failed = self._exception is not None
             for waiter in self._waiters:

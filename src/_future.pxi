@@ -739,16 +739,18 @@ cdef inline bint _claim_future(FutureBase fut) noexcept:
 
 
 cdef int _finish(FutureBase fut, object result, object exc) except -1:
-    """Outcome, then FINISHED; waiters told and callbacks run if anyone watches."""
+    """Outcome, then FINISHED; waiters told and callbacks run if anyone watches.
+    User code that completed the running future itself (set_result, which
+    takes the condition) came first: its outcome stands, this one is dropped."""
     _seal(fut)
-    if exc is None:
-        fut.res = result
-    else:
-        fut.exc = exc
     cond = fut.cond
     if cond is None:
         # Nobody watches, and nobody can start before this write: no waiter
         # has seen the future unfinished (see _get_condition).
+        if exc is None:
+            fut.res = result
+        else:
+            fut.exc = exc
         fut.st = _FINISHED
         callbacks = fut.callbacks
         fut.callbacks = None
@@ -762,6 +764,13 @@ cdef int _finish(FutureBase fut, object result, object exc) except -1:
     _lock_condition(cond, False)
     try:
         _seal(fut)
+        if fut.st is _FINISHED:
+            _unseal(fut)
+            return 0
+        if exc is None:
+            fut.res = result
+        else:
+            fut.exc = exc
         fut.st = _FINISHED
         _unseal(fut)
         waiters = fut.waiters

@@ -192,6 +192,32 @@ def test_result_and_exception_timeout_while_blocked(ex: Any, gate: threading.Eve
     assert fut.result(T) == 42
 
 
+@pytest.mark.parametrize("how", ["result", "exception"])
+def test_user_completing_a_running_future_is_not_overwritten(
+    ex: Any, gate: threading.Event, how: str
+) -> None:
+    """set_result / set_exception by user code on a running task's future:
+    its outcome stands when the task ends (the task's is dropped), the
+    callbacks run once, and the worker carries on."""
+    fut = block(ex, "k", gate)
+    calls: list[Any] = []
+    fut.add_done_callback(calls.append)
+    if how == "result":
+        fut.set_result("mine")
+    else:
+        fut.set_exception(Boom("mine"))
+    gate.set()
+    assert ex.wait_key("k", T)
+    assert ex.submit("k", lambda: "next").result(T) == "next"
+    if how == "result":
+        assert fut.result(0) == "mine"
+    else:
+        assert str(fut.exception(0)) == "mine"
+    assert calls == [fut]
+    with pytest.raises(cf.InvalidStateError):
+        fut.set_result("again")
+
+
 def test_set_running_or_notify_cancel_twice_raises_as_the_stdlib() -> None:
     """Used as a plain Future (a hand-written executor): a second
     set_running_or_notify_cancel() is a RuntimeError, as on the stdlib's.
