@@ -40,10 +40,6 @@ __all__ = ["BrokenActorPool", "RayKeyedExecutor", "RayMetrics"]
 # receiver looks for new actors and overdue stops.
 _POLL = 1.0
 _TICK = 0.05
-# A busy actor answers take_results at most once per this interval: each answer
-# is a Ray call that costs the actor and the caller about 0.1 ms of CPU, taken
-# from CPU-bound tasks. An actor whose tasks all have outcomes answers at once.
-_REPORT_INTERVAL = 0.005
 # How long a closing executor waits for an actor told to stop before killing it.
 _STOP_GRACE = 10.0
 # Options this module sets itself: order and retries are its business, not Ray's.
@@ -92,9 +88,11 @@ class _ShardActor:
     """One shard at one epoch: a ShardHost behind Ray calls (run on several threads)."""
 
     def __init__(self, epoch: int, workers: int, name: str = "keyedexec",
-                 slow_task_threshold: float | None = None) -> None:
+                 slow_task_threshold: float | None = None,
+                 report_interval: float = 0.0) -> None:
         self._host = ShardHost(workers, epoch, name=name,
                                slow_task_threshold=slow_task_threshold)
+        self._interval = report_interval
         self._lock = threading.Lock()  # the host admits batches from one thread at a time
         self._next_report = 0.0
 
@@ -111,7 +109,7 @@ class _ShardActor:
         finished = self._host.finished
         items = self._host.take_results(timeout)
         now = time.monotonic_ns()
-        self._next_report = now / 1e9 + _REPORT_INTERVAL
+        self._next_report = now / 1e9 + self._interval
         return items, finished, now
 
     def close(self) -> None:
@@ -160,10 +158,11 @@ class _RayTransport:
     """The router's transport to Ray actors (see the module docstring)."""
 
     def __init__(self, router: Router, workers: int, options: dict[str, Any],
-                 max_calls: int, name: str, slow_task_threshold: float | None) -> None:
+                 max_calls: int, name: str, slow_task_threshold: float | None,
+                 report_interval: float) -> None:
         self._router = router
         self._workers = workers
-        self._shard_args = (name, slow_task_threshold)
+        self._shard_args = (name, slow_task_threshold, report_interval)
         self._options = options
         self._max_calls = max_calls
         self._lock = threading.Lock()
@@ -336,7 +335,10 @@ class RayKeyedExecutor(RoutedExecutor[K]):
     Tasks travel in batches per actor: a batch leaves once it holds
     ``batch_size`` tasks, or ``linger`` seconds after its first task; at most
     ``max_calls_in_flight`` batches per actor are unanswered (then the sender
-    waits).
+    waits). Outcomes come back the same way: an actor whose tasks all have
+    outcomes reports them at once; a busy one at most every ``report_interval``
+    seconds, since each report is a Ray call that costs the actor and the
+    caller about as much CPU as a short task (0 reports every outcome at once).
 
     An actor that dies (``ray.kill``, a crash, its node lost) is replaced at once
     with a new actor. What happens to the tasks it had been sent and had not
@@ -386,6 +388,7 @@ class RayKeyedExecutor(RoutedExecutor[K]):
         max_calls_in_flight: int = 8,
         batch_size: int = 256,
         linger: float = 0.0005,
+        report_interval: float = 0.02,
         on_error: Callable[[Any, BaseException], object] | None = None,
         name: str = "keyedexec",
         sample_timings: int = DEFAULT_SAMPLE_TIMINGS,
@@ -420,6 +423,9 @@ class RayKeyedExecutor(RoutedExecutor[K]):
         linger_s = _check_timeout("linger", linger)
         if linger_s is None:
             raise TypeError("linger must be a number of seconds, got None")
+        report_interval_s = _check_timeout("report_interval", report_interval)
+        if report_interval_s is None:
+            raise TypeError("report_interval must be a number of seconds, got None")
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         self._name = _check_name(name)
@@ -461,7 +467,8 @@ class RayKeyedExecutor(RoutedExecutor[K]):
                 label_keys=slow_task_threshold is not None,
             )
             self._transport = _RayTransport(router, workers_per_actor, options,
-                                            max_calls_in_flight, name, slow_task_threshold)
+                                            max_calls_in_flight, name, slow_task_threshold,
+                                            report_interval_s)
             try:
                 router.start(self._transport)
             except BaseException:

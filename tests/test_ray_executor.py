@@ -279,6 +279,8 @@ def test_bad_keys_are_refused_at_submit(ex: RayKeyedExecutor[Any]) -> None:
         ({"on_loss": "ignore"}, ValueError, "on_loss"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"linger": -1}, ValueError, "linger"),
+        ({"report_interval": -1}, ValueError, "report_interval"),
+        ({"report_interval": None}, TypeError, "report_interval"),
         ({"submit_timeout": -1}, ValueError, "submit_timeout"),
         ({"actor_options": {"max_restarts": 3}}, ValueError, "max_restarts"),
         ({"actor_options": 3}, TypeError, "actor_options"),
