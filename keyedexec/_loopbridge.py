@@ -148,3 +148,12 @@ class AsyncResult(asyncio.Future[Any]):
         if task is not None:
             task.cancel()
         return True
+
+
+def awaitable(task: Future[Any]) -> AsyncResult:
+    """``task`` (an executor's future, just submitted) as an asyncio future of
+    the running loop: the body of every ``submit_async``."""
+    fut = AsyncResult(asyncio.get_running_loop())
+    fut._task = task
+    task.add_done_callback(fut._task_done)
+    return fut

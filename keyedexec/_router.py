@@ -61,7 +61,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Generic, Iterable, Iterator, ParamSpec, Protocol, TypeVar
 
-from . import _lifecycle
+from . import _lifecycle, _loopbridge
 from ._future import KeyedFuture
 from ._report import log_task_error, report_failure
 from ._timings import HotKey, Recorder, Timings, check_n, hot_keys, timings_from
@@ -1170,9 +1170,11 @@ class RoutedExecutor(Generic[K]):
     def submit_async(self, key: K, fn: Callable[P, R], /, *args: P.args,
                      **kwargs: P.kwargs) -> asyncio.Future[R]:
         """Submit now (the order is the call order) and return an awaitable of the
-        result. Must be called with an event loop running in this thread."""
-        loop = asyncio.get_running_loop()
-        return asyncio.wrap_future(self.submit(key, fn, *args, **kwargs), loop=loop)
+        result. Must be called with an event loop running in this thread.
+        Cancelling the asyncio future cancels the task if it was not sent yet.
+        Completions reach the loop in batches (see ``keyedexec._loopbridge``)."""
+        asyncio.get_running_loop()  # RuntimeError before anything is submitted
+        return _loopbridge.awaitable(self.submit(key, fn, *args, **kwargs))
 
     def map(
         self,

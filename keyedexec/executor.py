@@ -315,13 +315,8 @@ class KeyedExecutor(Generic[K]):
         the loop in batches: one wake-up of the loop for however many tasks
         finished since the last one (see ``keyedexec._loopbridge``).
         """
-        loop = asyncio.get_running_loop()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        fut = _loopbridge.AsyncResult(loop)
-        fut._task = task = self.submit(key, fn, *args, **kwargs)
-        task.add_done_callback(fut._task_done)
-        return fut
+        asyncio.get_running_loop()  # RuntimeError before anything is submitted
+        return _loopbridge.awaitable(self.submit(key, fn, *args, **kwargs))
 
     def for_key(self, key: K) -> KeyView[K]:
         """A ``concurrent.futures.Executor`` that runs everything on ``key``.

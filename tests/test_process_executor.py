@@ -252,8 +252,26 @@ def test_map_and_submit_async(ex: ProcessKeyedExecutor[Any]) -> None:
     assert asyncio.run(main()) == list(range(10))
 
 
-# -- cancel, wait, shutdown ------------------------------------------------------------------
+def test_submit_async_cancelled_by_cancel_key_and_failing(ex: ProcessKeyedExecutor[Any],
+                                                          tmp_path: Path) -> None:
+    """The awaitable of a task that cancel_key cancels raises asyncio's
+    CancelledError; one whose task raises, the task's exception."""
+    async def main() -> None:
+        gate, blocker = routed.blocker(ex, "q", tmp_path, 30)
+        queued = ex.submit_async("q", tasks.identity, 1)
+        failing = ex.submit_async("r", tasks.raise_value_error, 2)
+        assert await asyncio.to_thread(ex.cancel_key, "q") == 1
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(queued, 30)
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(failing, 30)
+        gate.touch()
+        assert await asyncio.wait_for(asyncio.wrap_future(blocker), 30) == "opened"
 
+    asyncio.run(main())
+
+
+# -- cancel, wait, shutdown ------------------------------------------------------------------
 
 
 def test_cancel_key_in_the_child(ex: ProcessKeyedExecutor[Any], tmp_path: Path) -> None:
