@@ -905,7 +905,8 @@ class Scheduler:
         try:
             with self._lock:
                 ks = self._keys.get(key)
-                return ks is not None and bool(ks.tasks or ks.ready or ks.runner)
+                # An emptied key still in the ready queue (cancel_queued) is not.
+                return ks is not None and bool(ks.tasks or ks.runner)
         finally:
             self._after_unlock()
 
