@@ -905,8 +905,7 @@ class Scheduler:
         try:
             with self._lock:
                 ks = self._keys.get(key)
-                # An emptied key still in the ready queue (cancel_queued) is not.
-                return ks is not None and bool(ks.tasks or ks.runner)
+                return ks is not None and bool(ks.tasks or ks.ready or ks.runner)
         finally:
             self._after_unlock()
 

@@ -1483,10 +1483,8 @@ cdef class Scheduler:
     def key_active(self, key):
         """True if ``key`` has queued or running tasks."""
         cdef KeyState *ks = self._locate(key, PyObject_Hash(key))
-        # An emptied key still in the ready queue (cancel_queued) is not.
-        cdef bint active = ks is not NULL and (ks.count != 0 or ks.runner != 0)
         ke_unlock(self.mu)
-        return active
+        return ks is not NULL
 
     def serving(self, key):
         """True if the calling thread is a worker running a task of ``key``."""

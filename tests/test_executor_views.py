@@ -274,20 +274,6 @@ def test_wait_key_on_an_idle_key_is_true_even_with_zero_timeout(h: Any) -> None:
     assert all(ex.wait_key("idle", timeout=0) for _ in range(20))
 
 
-def test_wait_key_right_after_cancel_key_emptied_the_key(h: Any) -> None:
-    """A key whose queued tasks cancel_key dropped, and that runs nothing, has
-    nothing to wait for, even before a worker passes by its emptied queue."""
-    ex = h.executor(1)
-    gate, running = h.block_with(lambda fn: ex.submit("a", fn))  # the only worker
-    queued = [ex.submit("b", lambda: None) for _ in range(3)]
-    assert ex.cancel_key("b") == 3 and all(f.cancelled() for f in queued)
-    assert ex.wait_key("b", 0)
-    assert not ex.wait_key("a", 0)  # its task runs (the timed-out barrier: cancelled)
-    gate.set()
-    assert ex.wait_key("a", T) and running.result(T) == "blocker"
-    assert ex.metrics().cancelled == 3 + 1
-
-
 def test_wait_key_rejects_bad_timeouts(h: Any) -> None:
     """timeout must be a non-negative number of seconds, or None."""
     ex = h.executor(1)
