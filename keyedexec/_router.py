@@ -110,13 +110,23 @@ class RemoteTraceback(Exception):
 
 
 def encode_exception(exc: BaseException) -> tuple[bytes, str]:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """``exc`` pickled, and its traceback as text. Never raises: whatever the
+    exception's own methods raise (a BaseException too) is the task's problem,
+    and its future must still get an outcome."""
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        text = f"{name} (its traceback could not be formatted)\n"
     try:
         data = pickle.dumps(exc, _PICKLE)
         pickle.loads(data)  # some pickle but do not load (a required __init__ argument)
-    except Exception:
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        data = pickle.dumps(RemoteError(f"{name}: {exc!r} (it could not be pickled)"), _PICKLE)
+    except BaseException:
+        try:
+            shown = repr(exc)
+        except BaseException:
+            shown = "(its repr() raised)"
+        data = pickle.dumps(RemoteError(f"{name}: {shown} (it could not be pickled)"), _PICKLE)
     return data, text
 
 
@@ -322,10 +332,13 @@ def _encode_value(value: Any) -> tuple[int, Any]:
         return OK, value
     try:
         return OK_PICKLED, pickle.dumps(value, _PICKLE)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit from a __reduce__ too: the task's problem
+        try:
+            why = f"{type(exc).__name__}: {exc}"
+        except BaseException:
+            why = type(exc).__name__
         err = pickle.PicklingError(
-            f"the task's result ({type(value).__name__}) could not be pickled: {exc}"
-        )
+            f"the task's result ({type(value).__name__}) could not be pickled: {why}")
         return RAISED, encode_exception(err)
 
 
@@ -410,6 +423,16 @@ class _Shard:
         self.since = 0.0  # when the oldest pending task was queued
         self.replies: dict[int, _Reply] = {}
         self.retired = False  # resize() removed it: no new keys, stops once idle
+
+
+def _claim(future: KeyedFuture[Any]) -> bool:
+    """PENDING -> RUNNING before a task is sent; False if it must not run: its
+    caller cancelled it, or completed it (set_result, meant for executors only:
+    the stdlib's worker dies of that; here the task counts as cancelled)."""
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # "Future in unexpected state": already finished
+        return False
 
 
 _Send = tuple[int, int, int, Batch]
@@ -585,7 +608,7 @@ class Router:
             pending, unacked = shard.pending, shard.unacked
             while pending and len(tasks) < limit:
                 task = pending.popleft()
-                if not task.sends and not task.future.set_running_or_notify_cancel():
+                if not task.sends and not _claim(task.future):
                     self._release(task, "cancelled")  # its caller cancelled it
                     continue
                 task.sends += 1
@@ -873,7 +896,7 @@ class Router:
         try:
             for task in tasks:
                 err = self._broken_error(f"the executor is broken: {reason}")
-                if task.sends or task.future.set_running_or_notify_cancel():
+                if task.sends or _claim(task.future):
                     self._finish_task(task.key, task.future, task.forget, None, err)
         finally:
             _in_callback.active = False

@@ -115,6 +115,15 @@ def _check_timeout(name: str, value: object) -> float | None:
     return float(value)
 
 
+def _check_interval(name: str, value: object) -> float:
+    """A finite number of seconds >= 0 (a linger, a report interval: not a limit)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not 0 <= value < threading.TIMEOUT_MAX:  # also rejects NaN and inf
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+    return float(value)
+
+
 def _check_threshold(name: str, value: object) -> float | None:
     """Seconds > 0, or None (off; so is ``math.inf``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:

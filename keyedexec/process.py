@@ -39,6 +39,7 @@ from ._typevars import K
 from .executor import (
     _UINT32_MAX,
     _check_count,
+    _check_interval,
     _check_threshold,
     _check_timeout,
 )
@@ -180,9 +181,7 @@ class ProcessKeyedExecutor(RoutedExecutor[K]):
         if max_pending is not None:
             _check_count("max_pending", max_pending)
         _check_count("batch_size", batch_size)
-        linger_s = _check_timeout("linger", linger)
-        if linger_s is None:
-            raise TypeError("linger must be a number of seconds, got None")
+        linger_s = _check_interval("linger", linger)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         if not isinstance(name, str):

@@ -32,7 +32,8 @@ import ray.exceptions
 from ._report import log_task_error, report_failure
 from ._router import DEFAULT_SAMPLE_TIMINGS, Batch, RoutedExecutor, Router, ShardHost
 from ._typevars import K
-from .executor import _UINT32_MAX, _check_count, _check_name, _check_threshold, _check_timeout
+from .executor import (_UINT32_MAX, _check_count, _check_interval, _check_name, _check_threshold,
+                       _check_timeout)
 
 __all__ = ["BrokenActorPool", "RayKeyedExecutor", "RayMetrics"]
 
@@ -420,12 +421,8 @@ class RayKeyedExecutor(RoutedExecutor[K]):
         submit_timeout = _check_timeout("submit_timeout", submit_timeout)
         _check_count("max_calls_in_flight", max_calls_in_flight)
         _check_count("batch_size", batch_size)
-        linger_s = _check_timeout("linger", linger)
-        if linger_s is None:
-            raise TypeError("linger must be a number of seconds, got None")
-        report_interval_s = _check_timeout("report_interval", report_interval)
-        if report_interval_s is None:
-            raise TypeError("report_interval must be a number of seconds, got None")
+        linger_s = _check_interval("linger", linger)
+        report_interval_s = _check_interval("report_interval", report_interval)
         if on_error is not None and not callable(on_error):
             raise TypeError(f"on_error must be callable, got {type(on_error).__name__}")
         self._name = _check_name(name)

@@ -103,6 +103,31 @@ def return_lock() -> Any:
     return threading.Lock()
 
 
+class _ExitOnPickle:
+    def __reduce__(self) -> Any:
+        raise SystemExit("no pickling")
+
+
+class HostileError(Exception):
+    """Pickling it raises KeyboardInterrupt; so do its repr() and str()."""
+
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+    def __repr__(self) -> str:
+        raise KeyboardInterrupt
+
+    __str__ = __repr__
+
+
+def return_exit_on_pickle() -> Any:
+    return _ExitOnPickle()
+
+
+def raise_hostile() -> None:
+    raise HostileError
+
+
 def die(code: int = 1) -> None:
     os._exit(code)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import math
 import multiprocessing
 import os
 import pickle
@@ -140,6 +141,31 @@ def test_exceptions_keep_their_type(ex: ProcessKeyedExecutor[Any]) -> None:
         assert isinstance(info2.value.__cause__, RemoteTraceback)
 
 
+def test_user_completing_a_future_still_in_the_parent(method: str) -> None:
+    """set_result by user code on a task not sent yet (meant for executors only):
+    that outcome stands, the task never runs and counts as cancelled, and the
+    key and the executor go on (the sender used to die of it)."""
+    with fresh(1, 1, mp_context=method, linger=0.5) as ex2:
+        f = ex2.submit("k", tasks.identity, 1)
+        f.set_result("mine")
+        assert ex2.submit("k", tasks.identity, 2).result(30) == 2
+        assert f.result(0) == "mine"
+        assert _settled(ex2, pending=0, cancelled=1, completed=1)
+        assert ex2.wait_key("k", 30)
+
+
+def test_results_and_errors_whose_pickling_raises_base_exceptions(
+        ex: ProcessKeyedExecutor[Any]) -> None:
+    """A result whose __reduce__ raises SystemExit, an exception whose pickling,
+    repr() and str() raise KeyboardInterrupt: each fails its own future, and
+    the shard goes on (an outcome used to be lost: the future hung)."""
+    with pytest.raises(pickle.PicklingError, match="SystemExit"):
+        ex.submit("h", tasks.return_exit_on_pickle).result(30)
+    with pytest.raises(RemoteError, match="HostileError"):
+        ex.submit("h", tasks.raise_hostile).result(30)
+    assert ex.submit("h", tasks.identity, 3).result(30) == 3
+
+
 def test_unpicklable_task_fails_alone(ex: ProcessKeyedExecutor[Any]) -> None:
     before = ex.submit("p", tasks.identity, 0)
     bad_fn = ex.submit("p", lambda: 1)  # a lambda does not pickle
@@ -217,6 +243,8 @@ def test_done_callback_raising_base_exception_on_a_cancelled_task(
         ({"mp_context": 3}, TypeError, "mp_context"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"linger": -1}, ValueError, "linger"),
+        ({"linger": math.inf}, ValueError, "linger must be a finite"),
+        ({"linger": None}, TypeError, "linger must be a number of seconds, got NoneType"),
         ({"initializer": 3}, TypeError, "initializer"),
         ({"initargs": 3}, TypeError, "initargs"),
         ({"initializer": lambda: None, "mp_context": "spawn"}, TypeError, "initializer"),

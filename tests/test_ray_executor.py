@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import math
 import os
 import pickle
 import subprocess
@@ -279,8 +280,12 @@ def test_bad_keys_are_refused_at_submit(ex: RayKeyedExecutor[Any]) -> None:
         ({"on_loss": "ignore"}, ValueError, "on_loss"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"linger": -1}, ValueError, "linger"),
+        ({"linger": math.inf}, ValueError, "linger must be a finite"),
+        ({"linger": None}, TypeError, "linger must be a number of seconds, got NoneType"),
         ({"report_interval": -1}, ValueError, "report_interval"),
-        ({"report_interval": None}, TypeError, "report_interval"),
+        ({"report_interval": math.inf}, ValueError, "report_interval must be a finite"),
+        ({"report_interval": "0.1"}, TypeError,
+         "report_interval must be a number of seconds, got str"),
         ({"submit_timeout": -1}, ValueError, "submit_timeout"),
         ({"actor_options": {"max_restarts": 3}}, ValueError, "max_restarts"),
         ({"actor_options": 3}, TypeError, "actor_options"),
