@@ -105,12 +105,14 @@ cdef extern from "sync.h" nogil:
     ke_cond *ke_cond_new()
     void ke_cond_free(ke_cond *c)
     bint ke_trylock(ke_mutex *m)
+    bint ke_looks_free(ke_mutex *m)
     void ke_lock(ke_mutex *m)
     void ke_unlock(ke_mutex *m)
     bint ke_wait(ke_cond *cv, ke_mutex *m, double timeout)
     void ke_notify_one(ke_cond *cv)
     void ke_notify_all(ke_cond *cv)
     void ke_cpu_relax()
+    void ke_yield()
     void *ke_peek(void *const *p)
 
 
@@ -276,13 +278,16 @@ cdef bint _plain_pair(PyObject *a, PyObject *b, int depth) noexcept:
 
 
 cdef inline void _acquire(ke_mutex *mu) noexcept:
-    """Take ``mu`` while holding the GIL without ever blocking with it."""
+    """Take ``mu`` while holding the GIL without ever blocking with it.
+
+    The spin tries the lock only when it looks free (ke_looks_free): a failed
+    try is a write to the line the holder needs to unlock."""
     cdef int i
     if ke_trylock(mu):
         return
     for i in range(SPINS):
         ke_cpu_relax()
-        if ke_trylock(mu):
+        if ke_looks_free(mu) and ke_trylock(mu):
             return
     with nogil:
         ke_lock(mu)
@@ -301,6 +306,7 @@ cdef inline bint _poll(void *const *p) noexcept nogil:
         ke_cpu_relax()
         i += 1
         if i & 63 == 0:   # the clock costs ~25 ns: read it every 64 polls
+            ke_yield()
             if deadline == 0:
                 deadline = ke_now_ns() + POLL_NS
             elif ke_now_ns() >= deadline:
