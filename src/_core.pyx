@@ -30,7 +30,7 @@ task and no running one.
 
 from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
 # pymalloc arenas, which go back to the OS once a burst of keys has drained, and
 # tracemalloc sees them. Large blocks are mapped directly (_block_alloc).
@@ -125,13 +125,11 @@ cdef extern from "inbox.h" nogil:
     void *ke_inbox_look(void *const *head)
     int ke_load_int(const int *p)
     void ke_store_int(int *p, int v)
+    int64_t ke_countdown(int64_t *p)
+    void ke_countdown_rearm(int64_t *p, int64_t gap)
 
 
-# The inbox only where submitters and workers run in parallel: with a GIL they
-# take turns, the mutex is never contended, and the inbox's extra work (a node
-# per task, a precise clock read) made `execute` 20 % slower on 3.11.
-cdef bint _LOCKFREE = KE_INBOX and KE_FREE_THREADED
-LOCKFREE_SUBMIT = _LOCKFREE   # for the tests
+LOCKFREE_SUBMIT = KE_INBOX   # for the tests: free-threaded builds only (inbox.h)
 
 
 cdef extern from "blocks.h" nogil:
@@ -236,7 +234,7 @@ ctypedef struct Pushed:
 # Wait and run time histograms, and which tasks to time (Scheduler, AsyncCore).
 ctypedef struct Timing:
     uint32_t every          # 1 task in every is timed; 0: none
-    uint64_t countdown      # accepted tasks until the next timed one
+    int64_t countdown       # accepted tasks until the next timed one (atomic: _timing_take)
     uint64_t rng            # xorshift64 state: the gaps between timed tasks
     uint64_t wait[NBUCKETS]
     uint64_t run[NBUCKETS]
@@ -376,21 +374,12 @@ cdef class Scheduler:
     cdef KeyState *ready_head
     cdef KeyState *ready_tail
 
-    # Lock-free submissions (inbox.h). The inbox is part of the queue: every
-    # holder of the mutex queues what it holds first (_lock), so nothing else
-    # under the mutex ever sees a task still in it.
-    cdef void *inbox            # NULL, KE_SHUT, or the newest Pushed
     cdef Pushed *backlog        # taken from the inbox, not yet queued (only
     cdef Pushed *backlog_tail   # after running out of memory), oldest first
     cdef int foreign            # keys in the table that are not _inboxable:
                                 # the inbox is shut while there are any
-    cdef int dozing             # idle - wakeups: sleeping workers nobody woke (atomic)
 
-    cdef int max_workers
-    cdef int nthreads           # started and not exited (or about to start)
     cdef int idle               # waiting on work_cv
-    cdef int pollers            # idle workers polling for work (_poll): at most one;
-                                # submitters wake nobody meanwhile (see _worker_main)
     cdef int polling            # 1: one polls and no submit has handed it a key yet
     cdef int wakeups            # notified, not yet awake
     cdef int blocked            # submitters waiting on space_cv
@@ -404,8 +393,25 @@ cdef class Scheduler:
     cdef uint64_t serials       # KeyState.serial of the last state made (_locate)
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
-    cdef Timing timing              # see timings()
     cdef WorkerSlot *workers        # the running workers (slow-task watchdog)
+
+    # What submits read or write without the mutex (inbox.h), on cache lines
+    # of their own: next to the fields above, which workers write for every
+    # task, each lock-free submit would miss the cache.
+    cdef char _pad0[64]
+    # Lock-free submissions. The inbox is part of the queue: every holder of
+    # the mutex queues what it holds first (_lock), so nothing else under the
+    # mutex ever sees a task still in it. Written by every lock-free submit:
+    cdef void *inbox            # NULL, KE_SHUT, or the newest Pushed
+    cdef Timing timing          # see timings(); its countdown too (_timing_take)
+    cdef char _pad1[64]
+    # Read by every lock-free submit, written rarely (under the mutex):
+    cdef int max_workers
+    cdef int nthreads           # started and not exited (or about to start)
+    cdef int dozing             # idle - wakeups: sleeping workers nobody woke
+    cdef int pollers            # idle workers polling for work (_poll): at most one;
+                                # submitters wake nobody meanwhile (see _worker_main)
+    cdef char _pad2[64]
 
     cdef object on_error
     cdef readonly str name
@@ -762,8 +768,6 @@ cdef class Scheduler:
             elif ks.count == ks.cap and self._grow_ring(ks) < 0:
                 return
             ks.ring[(ks.head + ks.count) & (ks.cap - 1)] = p.task
-            if self.timing.every and _timing_take(&self.timing):
-                ks.ring[(ks.head + ks.count) & (ks.cap - 1)].kind |= K_TIMED
             ks.count += 1
             self.pending += 1
             self.submitted += 1
@@ -825,13 +829,13 @@ cdef class Scheduler:
         ke_store_int(&self.dozing, self.idle - self.wakeups)
 
     cdef int _push_lockfree(self, object key, Py_hash_t h, object fn, object args,
-                            object kwargs, object fut, int kind) except -1:
+                            object kwargs, object fut, int kind, int *drawn) except -1:
         """Queue a task through the inbox, without the mutex. 0: declined
-        (the inbox is shut, a worker may need starting, out of memory):
-        the caller queues it under the mutex."""
+        (the inbox is shut, a worker may need starting, out of memory): the caller queues it under the mutex, with
+        the timing decision left in ``drawn`` if one was made (0 or 1)."""
         cdef Pushed *p
         cdef bint spawn = False
-        if (not _LOCKFREE or ke_load_int(&self.nthreads) < self.max_workers
+        if (not KE_INBOX or ke_load_int(&self.nthreads) < self.max_workers
                 or ke_peek(&self.inbox) is KE_SHUT):
             return 0
         p = <Pushed *>PyMem_Malloc(sizeof(Pushed))
@@ -848,8 +852,13 @@ cdef class Scheduler:
         if fut is not None:
             p.task.fut = <PyObject *>fut
         p.task.kind = kind
-        # A task the drain picks for timing needs a precise submit time.
-        p.task.stamp = ke_now_ns() if self.timing.every else ke_coarse_ns()
+        p.task.stamp = ke_coarse_ns()
+        # Drawn before the push (a pushed task is the drainer's).
+        if self.timing.every:
+            drawn[0] = _timing_take(&self.timing)
+            if drawn[0]:
+                p.task.kind = kind | K_TIMED
+                p.task.stamp = ke_now_ns()
         Py_INCREF_raw(p.key)
         Py_INCREF_raw(p.task.fn)
         Py_INCREF_raw(p.task.args)
@@ -900,13 +909,15 @@ cdef class Scheduler:
         cdef double slice_
         cdef int refused = 0    # 1: closed, 2: own key full, 3: out of memory; raised unlocked
         cdef uint64_t stamp = 0
+        cdef int drawn = -1     # _push_lockfree's timing decision, if it made one
         if not PyCallable_Check(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         try:
             h = PyObject_Hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
-        if _inboxable(<PyObject *>key) and self._push_lockfree(key, h, fn, args, kwargs, fut, kind):
+        if (_inboxable(<PyObject *>key)
+                and self._push_lockfree(key, h, fn, args, kwargs, fut, kind, &drawn)):
             return 1
         deadline = None
         while True:
@@ -981,7 +992,7 @@ cdef class Scheduler:
                 t.fut = <PyObject *>fut
             t.kind = kind
             t.stamp = stamp
-            if self.timing.every and _timing_take(&self.timing):
+            if self.timing.every and (drawn == 1 if drawn >= 0 else _timing_take(&self.timing)):
                 t.kind = kind | K_TIMED
                 t.stamp = ke_now_ns()
             ks.count += 1
@@ -1879,17 +1890,20 @@ cdef void _timing_init(Timing *t, uint32_t every) noexcept:
 cdef inline bint _timing_take(Timing *t) noexcept nogil:
     """Once per accepted task (``every`` > 0): whether to time it. The gaps
     between timed tasks are random in [1, 2 * every - 1] (mean ``every``), so
-    that no periodic pattern of submits is in step with them."""
+    that no periodic pattern of submits is in step with them.
+
+    Atomic (inbox.h), for submits that take no lock: the one submit that
+    brings the countdown to 0 is timed and alone draws the next gap (the
+    countdown stays <= 0 until it is re-armed)."""
     cdef uint64_t x
-    t.countdown -= 1
-    if t.countdown:
+    if ke_countdown(&t.countdown) != 1:
         return False
     x = t.rng
     x ^= x << 13
     x ^= x >> 7
     x ^= x << 17
     t.rng = x
-    t.countdown = 1 + x % (2 * <uint64_t>t.every - 1)
+    ke_countdown_rearm(&t.countdown, <int64_t>(1 + x % (2 * <uint64_t>t.every - 1)))
     return True
 
 
