@@ -726,7 +726,7 @@ cdef class Scheduler:
         inbox is part of the queue, so every holder of the mutex sees all
         accepted tasks in their rings, in submission order."""
         _acquire(self.mu)
-        if _has_pushed(ke_peek(&self.inbox)) or self.backlog is not NULL:
+        if KE_INBOX and (_has_pushed(ke_peek(&self.inbox)) or self.backlog is not NULL):
             self._drain(NULL)
 
     cdef void _drain(self, void *leave) noexcept:
