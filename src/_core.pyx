@@ -223,7 +223,7 @@ ctypedef struct KeyState:
 
 # A task submitted without the mutex, in the inbox (inbox.h) until the next
 # holder of the mutex queues it. Only keys of exact str or int come this way:
-# comparing them with the table's keys runs no Python code (see _foreign).
+# comparing them with the table's keys runs no Python code (see _foreign_in).
 ctypedef struct Pushed:
     Pushed *next        # first field: inbox.h links through it
     PyObject *key       # owned
@@ -784,9 +784,11 @@ cdef class Scheduler:
             PyMem_Free(p)
 
     cdef KeyState *_find_inboxable(self, PyObject *key, Py_hash_t h) noexcept:
-        """(mutex held, inbox open) The state of an _inboxable key, or NULL.
-        The table holds only _inboxable keys now: equal keys have one type,
-        and comparing them is plain C."""
+        """(mutex held) The state of an _inboxable key, or NULL. While the
+        inbox is open the table holds only _inboxable keys: equal keys have
+        one type, and comparing them is plain C. (Only a backlog left by an
+        out-of-memory outlives the inbox's shutting: keys of other types are
+        skipped then, so 1 and 1.0 would be two keys.)"""
         cdef size_t mask = (<size_t>1 << self.bits) - 1
         cdef size_t i = _home(h, 64 - self.bits)
         cdef KeyState *ks
@@ -831,8 +833,9 @@ cdef class Scheduler:
     cdef int _push_lockfree(self, object key, Py_hash_t h, object fn, object args,
                             object kwargs, object fut, int kind, int *drawn) except -1:
         """Queue a task through the inbox, without the mutex. 0: declined
-        (the inbox is shut, a worker may need starting, out of memory): the caller queues it under the mutex, with
-        the timing decision left in ``drawn`` if one was made (0 or 1)."""
+        (the inbox is shut, a worker may need starting, out of memory): the
+        caller queues it under the mutex, with the timing decision left in
+        ``drawn`` if one was made (0 or 1)."""
         cdef Pushed *p
         cdef bint spawn = False
         if (not KE_INBOX or ke_load_int(&self.nthreads) < self.max_workers
@@ -888,7 +891,8 @@ cdef class Scheduler:
                     self._spawn()
                 except RuntimeError as exc:   # "can't start new thread"; the task is queued
                     report_failure("keyedexec could not start a worker thread; the queued "
-                                   "tasks wait for the next submit to start one", exc)
+                                   "tasks wait for a later submit (or shutdown) to start one",
+                                   exc)
         return 1
 
     # -- submission -------------------------------------------------------------
