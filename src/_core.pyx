@@ -714,6 +714,18 @@ cdef class Scheduler:
             self.ready_tail.next = ks
         self.ready_tail = ks
 
+    cdef inline bint _claim_wakeup(self) noexcept:
+        """(mutex held) A key was made ready: the polling worker takes it, or
+        a sleeping one is to be woken (True: the caller notifies work_cv)."""
+        if self.polling:
+            self.polling = 0
+            return False
+        if self.idle > self.wakeups and not self.pollers:
+            self.wakeups += 1
+            self._dozing_changed()
+            return True
+        return False
+
     cdef inline KeyState *_ready_pop(self) noexcept:
         cdef KeyState *ks = self.ready_head
         if ks is not NULL:
@@ -777,11 +789,7 @@ cdef class Scheduler:
             self.submitted += 1
             if ks.flags == S_IDLE:
                 self._ready_push(ks)
-                if self.polling:
-                    self.polling = 0   # the polling worker takes this one
-                elif self.idle > self.wakeups and not self.pollers:
-                    self.wakeups += 1
-                    self._dozing_changed()
+                if self._claim_wakeup():
                     ke_notify_one(self.work_cv)   # rarely: see _push_lockfree
             self.backlog = p.next
             Py_DECREF_raw(p.key)   # exact str or int: runs no Python code
@@ -1008,12 +1016,7 @@ cdef class Scheduler:
             self.submitted += 1
             if ks.flags == S_IDLE:
                 self._ready_push(ks)
-                if self.polling:
-                    self.polling = 0   # the polling worker takes this one
-                elif self.idle > self.wakeups and not self.pollers:
-                    self.wakeups += 1
-                    self._dozing_changed()
-                    notify = True
+                notify = self._claim_wakeup()
             break
         ke_unlock(self.mu)
         if refused == 1:
