@@ -30,7 +30,7 @@ task and no running one.
 
 from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 # Python's allocator (GIL/thread state held at every call): small blocks come from
 # pymalloc arenas, which go back to the OS once a burst of keys has drained, and
 # tracemalloc sees them. Large blocks are mapped directly (_block_alloc).
@@ -80,6 +80,7 @@ cdef extern from "Python.h":
     void Py_INCREF_raw "Py_INCREF"(PyObject *o)
     void Py_DECREF_raw "Py_DECREF"(PyObject *o)
     void Py_XDECREF_raw "Py_XDECREF"(PyObject *o)
+    void Py_XINCREF_raw "Py_XINCREF"(PyObject *o)
     void *Py_TYPE_raw "Py_TYPE"(PyObject *o)
     int Py_EQ
 
@@ -105,13 +106,30 @@ cdef extern from "sync.h" nogil:
     ke_cond *ke_cond_new()
     void ke_cond_free(ke_cond *c)
     bint ke_trylock(ke_mutex *m)
+    bint ke_looks_free(ke_mutex *m)
     void ke_lock(ke_mutex *m)
     void ke_unlock(ke_mutex *m)
     bint ke_wait(ke_cond *cv, ke_mutex *m, double timeout)
     void ke_notify_one(ke_cond *cv)
     void ke_notify_all(ke_cond *cv)
     void ke_cpu_relax()
+    void ke_yield()
     void *ke_peek(void *const *p)
+
+
+cdef extern from "inbox.h" nogil:
+    const bint KE_INBOX
+    void *KE_SHUT
+    bint ke_inbox_push(void **head, void *node)
+    void *ke_inbox_take(void **head, void *with_)
+    void *ke_inbox_look(void *const *head)
+    int ke_load_int(const int *p)
+    void ke_store_int(int *p, int v)
+    int64_t ke_countdown(int64_t *p)
+    void ke_countdown_rearm(int64_t *p, int64_t gap)
+
+
+LOCKFREE_SUBMIT = KE_INBOX   # for the tests: free-threaded builds only (inbox.h)
 
 
 cdef extern from "blocks.h" nogil:
@@ -203,10 +221,20 @@ ctypedef struct KeyState:
     Task slot0
 
 
+# A task submitted without the mutex, in the inbox (inbox.h) until the next
+# holder of the mutex queues it. Only keys of exact str or int come this way:
+# comparing them with the table's keys runs no Python code (see _foreign_in).
+ctypedef struct Pushed:
+    Pushed *next        # first field: inbox.h links through it
+    PyObject *key       # owned
+    Py_hash_t hash
+    Task task
+
+
 # Wait and run time histograms, and which tasks to time (Scheduler, AsyncCore).
 ctypedef struct Timing:
     uint32_t every          # 1 task in every is timed; 0: none
-    uint64_t countdown      # accepted tasks until the next timed one
+    int64_t countdown       # accepted tasks until the next timed one (atomic: _timing_take)
     uint64_t rng            # xorshift64 state: the gaps between timed tasks
     uint64_t wait[NBUCKETS]
     uint64_t run[NBUCKETS]
@@ -276,20 +304,28 @@ cdef bint _plain_pair(PyObject *a, PyObject *b, int depth) noexcept:
 
 
 cdef inline void _acquire(ke_mutex *mu) noexcept:
-    """Take ``mu`` while holding the GIL without ever blocking with it."""
+    """Take ``mu`` while holding the GIL without ever blocking with it.
+
+    The spin tries the lock only when it looks free (ke_looks_free): a failed
+    try is a write to the line the holder needs to unlock."""
     cdef int i
     if ke_trylock(mu):
         return
     for i in range(SPINS):
         ke_cpu_relax()
-        if ke_trylock(mu):
+        if ke_looks_free(mu) and ke_trylock(mu):
             return
     with nogil:
         ke_lock(mu)
 
 
-cdef inline bint _poll(void *const *p) noexcept nogil:
-    """Poll ``*p`` (without the mutex) until it is non-NULL or POLL_NS passed.
+cdef inline bint _has_pushed(void *head) noexcept nogil:
+    return head is not NULL and head is not KE_SHUT
+
+
+cdef inline bint _poll(void *const *p, void *const *inbox) noexcept nogil:
+    """Poll ``*p`` (without the mutex) until it is non-NULL, the inbox has a
+    task, or POLL_NS passed.
 
     Blocking on the condition variable costs a futex wait here and a futex
     wake (a system call) in the submitter that finds this worker asleep: more
@@ -297,10 +333,15 @@ cdef inline bint _poll(void *const *p) noexcept nogil:
     next task without either."""
     cdef uint64_t deadline = 0
     cdef int i = 0
-    while ke_peek(p) is NULL:
+    while ke_peek(p) is NULL and not _has_pushed(ke_peek(inbox)):
         ke_cpu_relax()
         i += 1
         if i & 63 == 0:   # the clock costs ~25 ns: read it every 64 polls
+            # Without a GIL, give the core to the submitter or a busy worker
+            # if they need it. With one, it cost 10-15 % of bench/'s execute
+            # and Zipf submits: threads there take turns on the GIL anyway.
+            if KE_FREE_THREADED:
+                ke_yield()
             if deadline == 0:
                 deadline = ke_now_ns() + POLL_NS
             elif ke_now_ns() >= deadline:
@@ -313,6 +354,13 @@ cdef inline void _release_task(Task *t) noexcept:
     Py_DECREF_raw(t.args)
     Py_XDECREF_raw(t.kwargs)
     Py_XDECREF_raw(t.fut)
+
+
+cdef inline bint _inboxable(PyObject *key) noexcept:
+    """Keys that may come through the inbox: exact str and int. Their
+    comparisons with each other are plain C (and run under the mutex)."""
+    cdef void *tp = Py_TYPE_raw(key)
+    return tp == <void *>&PyUnicode_Type or tp == <void *>&PyLong_Type
 
 
 cdef class Scheduler:
@@ -330,11 +378,12 @@ cdef class Scheduler:
     cdef KeyState *ready_head
     cdef KeyState *ready_tail
 
-    cdef int max_workers
-    cdef int nthreads           # started and not exited (or about to start)
+    cdef Pushed *backlog        # taken from the inbox, not yet queued (only
+    cdef Pushed *backlog_tail   # after running out of memory), oldest first
+    cdef int foreign            # keys in the table that are not _inboxable:
+                                # the inbox is shut while there are any
+
     cdef int idle               # waiting on work_cv
-    cdef int pollers            # idle workers polling for work (_poll): at most one;
-                                # submitters wake nobody meanwhile (see _worker_main)
     cdef int polling            # 1: one polls and no submit has handed it a key yet
     cdef int wakeups            # notified, not yet awake
     cdef int blocked            # submitters waiting on space_cv
@@ -348,8 +397,25 @@ cdef class Scheduler:
     cdef uint64_t serials       # KeyState.serial of the last state made (_locate)
     cdef Py_ssize_t nbytes      # native memory held for keys, rings and table
 
-    cdef Timing timing              # see timings()
     cdef WorkerSlot *workers        # the running workers (slow-task watchdog)
+
+    # What submits read or write without the mutex (inbox.h), on cache lines
+    # of their own: next to the fields above, which workers write for every
+    # task, each lock-free submit would miss the cache.
+    cdef char _pad0[64]
+    # Lock-free submissions. The inbox is part of the queue: every holder of
+    # the mutex queues what it holds first (_lock), so nothing else under the
+    # mutex ever sees a task still in it. Written by every lock-free submit:
+    cdef void *inbox            # NULL, KE_SHUT, or the newest Pushed
+    cdef Timing timing          # see timings(); its countdown too (_timing_take)
+    cdef char _pad1[64]
+    # Read by every lock-free submit, written rarely (under the mutex):
+    cdef int max_workers
+    cdef int nthreads           # started and not exited (or about to start)
+    cdef int dozing             # idle - wakeups: sleeping workers nobody woke
+    cdef int pollers            # idle workers polling for work (_poll): at most one;
+                                # submitters wake nobody meanwhile (see _worker_main)
+    cdef char _pad2[64]
 
     cdef object on_error
     cdef readonly str name
@@ -392,6 +458,8 @@ cdef class Scheduler:
         self.max_workers = workers
         self.batch = batch
         self.queue_size = queue_size
+        if queue_size:
+            self.inbox = KE_SHUT   # a full key makes submits wait: under the mutex
         self.idle_timeout = -1.0 if idle_timeout is None else idle_timeout
         self.name = name
         self.on_error = on_error
@@ -416,6 +484,9 @@ cdef class Scheduler:
                         ks.count -= 1
                     self._free_key(ks)
             _block_free(self.slots, sizeof(KeyState *) << self.bits)
+        self._free_pushed(<Pushed *>ke_inbox_take(&self.inbox, KE_SHUT))
+        self._free_pushed(self.backlog)
+        self.backlog = NULL
         ke_cond_free(self.space_cv)
         ke_cond_free(self.work_cv)
         ke_mutex_free(self.mu)
@@ -446,7 +517,7 @@ cdef class Scheduler:
         cdef size_t mask
         try:
             while True:
-                _acquire(self.mu)
+                self._lock()
                 found = NULL
                 n = 0
                 mask = (<size_t>1 << self.bits) - 1
@@ -607,7 +678,7 @@ cdef class Scheduler:
         if dead is not NULL:
             self._free_key(dead)
         Py_XDECREF_raw(held)
-        _acquire(self.mu)
+        self._lock()
 
     cdef void _unaccount_key(self, KeyState *ks) noexcept:
         self.nbytes -= sizeof(KeyState)
@@ -643,6 +714,18 @@ cdef class Scheduler:
             self.ready_tail.next = ks
         self.ready_tail = ks
 
+    cdef inline bint _claim_wakeup(self) noexcept:
+        """(mutex held) A key was made ready: the polling worker takes it, or
+        a sleeping one is to be woken (True: the caller notifies work_cv)."""
+        if self.polling:
+            self.polling = 0
+            return False
+        if self.idle > self.wakeups and not self.pollers:
+            self.wakeups += 1
+            self._dozing_changed()
+            return True
+        return False
+
     cdef inline KeyState *_ready_pop(self) noexcept:
         cdef KeyState *ks = self.ready_head
         if ks is not NULL:
@@ -651,6 +734,178 @@ cdef class Scheduler:
                 self.ready_tail = NULL
             ks.next = NULL
         return ks
+
+    # -- the inbox (inbox.h) ---------------------------------------------------------
+
+    cdef inline void _lock(self) noexcept:
+        """Take the mutex (as _acquire) and queue what the inbox holds: the
+        inbox is part of the queue, so every holder of the mutex sees all
+        accepted tasks in their rings, in submission order."""
+        _acquire(self.mu)
+        if KE_INBOX and (_has_pushed(ke_peek(&self.inbox)) or self.backlog is not NULL):
+            self._drain(NULL)
+
+    cdef void _drain(self, void *leave) noexcept:
+        """(mutex held) Queue the inbox's tasks, oldest first, leaving the
+        head ``leave`` (NULL; KE_SHUT to shut the inbox)."""
+        cdef Pushed *p = <Pushed *>ke_inbox_take(&self.inbox, leave)
+        cdef Pushed *fifo = NULL
+        cdef Pushed *nxt
+        cdef Pushed *last
+        if <void *>p is KE_SHUT:
+            p = NULL
+        last = p
+        while p is not NULL:   # newest first: reverse
+            nxt = p.next
+            p.next = fifo
+            fifo = p
+            p = nxt
+        if fifo is not NULL:
+            if self.backlog is NULL:
+                self.backlog = fifo
+            else:
+                self.backlog_tail.next = fifo
+            self.backlog_tail = last
+        self._queue_backlog()
+
+    cdef void _queue_backlog(self) noexcept:
+        """(mutex held) Move the backlog into the rings, as a submit under the
+        mutex would. Stops if memory runs out: the rest stays for the next
+        holder of the mutex (_lock)."""
+        cdef Pushed *p
+        cdef KeyState *ks
+        while self.backlog is not NULL:
+            p = self.backlog
+            ks = self._find_inboxable(p.key, p.hash)
+            if ks is NULL:
+                ks = self._insert(<object>p.key, p.hash)
+                if ks is NULL:
+                    return
+            elif ks.count == ks.cap and self._grow_ring(ks) < 0:
+                return
+            ks.ring[(ks.head + ks.count) & (ks.cap - 1)] = p.task
+            ks.count += 1
+            self.pending += 1
+            self.submitted += 1
+            if ks.flags == S_IDLE:
+                self._ready_push(ks)
+                if self._claim_wakeup():
+                    ke_notify_one(self.work_cv)   # rarely: see _push_lockfree
+            self.backlog = p.next
+            Py_DECREF_raw(p.key)   # exact str or int: runs no Python code
+            PyMem_Free(p)
+
+    cdef KeyState *_find_inboxable(self, PyObject *key, Py_hash_t h) noexcept:
+        """(mutex held) The state of an _inboxable key, or NULL. While the
+        inbox is open the table holds only _inboxable keys: equal keys have
+        one type, and comparing them is plain C. (Only a backlog left by an
+        out-of-memory outlives the inbox's shutting: keys of other types are
+        skipped then, so 1 and 1.0 would be two keys.)"""
+        cdef size_t mask = (<size_t>1 << self.bits) - 1
+        cdef size_t i = _home(h, 64 - self.bits)
+        cdef KeyState *ks
+        while self.slots[i] is not NULL:
+            ks = self.slots[i]
+            i = (i + 1) & mask
+            if ks.hash == h and (ks.key is key or (
+                    Py_TYPE_raw(ks.key) == Py_TYPE_raw(key)
+                    and PyObject_RichCompareBool_raw(ks.key, key, Py_EQ) == 1)):
+                return ks
+        return NULL
+
+    cdef void _free_pushed(self, Pushed *p) noexcept:
+        """Release a list of Pushed (the scheduler is being freed)."""
+        cdef Pushed *nxt
+        if <void *>p is KE_SHUT:
+            return
+        while p is not NULL:
+            nxt = p.next
+            _release_task(&p.task)
+            Py_DECREF_raw(p.key)
+            PyMem_Free(p)
+            p = nxt
+
+    cdef void _foreign_in(self) noexcept:
+        """(mutex held) A key that is not _inboxable is about to enter the
+        table: shut the inbox first (queueing what it holds), so that no
+        queued-from-the-inbox key ever needs Python code to be compared."""
+        self.foreign += 1
+        if self.foreign == 1:
+            self._drain(KE_SHUT)
+
+    cdef void _foreign_out(self) noexcept:
+        """(mutex held) A key that is not _inboxable left the table."""
+        self.foreign -= 1
+        if self.foreign == 0 and not self.closing and not self.queue_size:
+            ke_inbox_take(&self.inbox, NULL)   # was KE_SHUT: nobody pushed
+
+    cdef inline void _dozing_changed(self) noexcept nogil:
+        ke_store_int(&self.dozing, self.idle - self.wakeups)
+
+    cdef int _push_lockfree(self, object key, Py_hash_t h, object fn, object args,
+                            object kwargs, object fut, int kind, int *drawn) except -1:
+        """Queue a task through the inbox, without the mutex. 0: declined
+        (the inbox is shut, a worker may need starting, out of memory): the
+        caller queues it under the mutex, with the timing decision left in
+        ``drawn`` if one was made (0 or 1)."""
+        cdef Pushed *p
+        cdef bint spawn = False
+        if (not KE_INBOX or ke_load_int(&self.nthreads) < self.max_workers
+                or ke_peek(&self.inbox) is KE_SHUT):
+            return 0
+        p = <Pushed *>PyMem_Malloc(sizeof(Pushed))
+        if p is NULL:
+            return 0
+        p.key = <PyObject *>key
+        p.hash = h
+        p.task.fn = <PyObject *>fn
+        p.task.args = <PyObject *>args
+        p.task.kwargs = NULL
+        if kwargs is not None:
+            p.task.kwargs = <PyObject *>kwargs
+        p.task.fut = NULL
+        if fut is not None:
+            p.task.fut = <PyObject *>fut
+        p.task.kind = kind
+        p.task.stamp = ke_coarse_ns()
+        # Drawn before the push (a pushed task is the drainer's).
+        if self.timing.every:
+            drawn[0] = _timing_take(&self.timing)
+            if drawn[0]:
+                p.task.kind = kind | K_TIMED
+                p.task.stamp = ke_now_ns()
+        Py_INCREF_raw(p.key)
+        Py_INCREF_raw(p.task.fn)
+        Py_INCREF_raw(p.task.args)
+        Py_XINCREF_raw(p.task.kwargs)
+        Py_XINCREF_raw(p.task.fut)
+        if not ke_inbox_push(&self.inbox, p):
+            # The caller holds them all too: these releases free nothing.
+            _release_task(&p.task)
+            Py_DECREF_raw(p.key)
+            PyMem_Free(p)
+            return 0
+        # Some worker must come for it. One that is awake takes the mutex
+        # before it sleeps, and one that polls watches the inbox: nothing to
+        # do. Only while a worker sleeps that nobody woke (or one retired
+        # meanwhile) does the submit take the mutex, to queue the inbox and
+        # wake one, or start one if none is left (inbox.h: of a submit and a
+        # worker going to sleep or retiring, one sees the other).
+        if ((ke_load_int(&self.dozing) > 0 and not ke_load_int(&self.pollers))
+                or ke_load_int(&self.nthreads) < self.max_workers):
+            self._lock()
+            spawn = self.pending and self.nthreads == 0 and not self.closing
+            if spawn:
+                self.nthreads += 1
+            ke_unlock(self.mu)
+            if spawn:
+                try:
+                    self._spawn()
+                except RuntimeError as exc:   # "can't start new thread"; the task is queued
+                    report_failure("keyedexec could not start a worker thread; the queued "
+                                   "tasks wait for a later submit (or shutdown) to start one",
+                                   exc)
+        return 1
 
     # -- submission -------------------------------------------------------------
 
@@ -670,12 +925,16 @@ cdef class Scheduler:
         cdef double slice_
         cdef int refused = 0    # 1: closed, 2: own key full, 3: out of memory; raised unlocked
         cdef uint64_t stamp = 0
+        cdef int drawn = -1     # _push_lockfree's timing decision, if it made one
         if not PyCallable_Check(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         try:
             h = PyObject_Hash(key)
         except TypeError as exc:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from exc
+        if (_inboxable(<PyObject *>key)
+                and self._push_lockfree(key, h, fn, args, kwargs, fut, kind, &drawn)):
+            return 1
         deadline = None
         while True:
             stamp = ke_coarse_ns()   # for hot_keys; read unlocked; a timed task's is precise
@@ -721,8 +980,12 @@ cdef class Scheduler:
                 spawned = True
                 continue
             if ks is NULL:
+                if not _inboxable(<PyObject *>key):
+                    self._foreign_in()
                 ks = self._insert(key, h)
                 if ks is NULL:
+                    if not _inboxable(<PyObject *>key):
+                        self._foreign_out()
                     refused = 3
                     break
             elif ks.count == ks.cap and self._grow_ring(ks) < 0:
@@ -745,7 +1008,7 @@ cdef class Scheduler:
                 t.fut = <PyObject *>fut
             t.kind = kind
             t.stamp = stamp
-            if self.timing.every and _timing_take(&self.timing):
+            if self.timing.every and (drawn == 1 if drawn >= 0 else _timing_take(&self.timing)):
                 t.kind = kind | K_TIMED
                 t.stamp = ke_now_ns()
             ks.count += 1
@@ -753,11 +1016,7 @@ cdef class Scheduler:
             self.submitted += 1
             if ks.flags == S_IDLE:
                 self._ready_push(ks)
-                if self.polling:
-                    self.polling = 0   # the polling worker takes this one
-                elif self.idle > self.wakeups and not self.pollers:
-                    self.wakeups += 1
-                    notify = True
+                notify = self._claim_wakeup()
             break
         ke_unlock(self.mu)
         if refused == 1:
@@ -817,7 +1076,7 @@ cdef class Scheduler:
                     if t is not None and t in self._threads:
                         self._threads.remove(t)
             if abandoned:
-                _acquire(self.mu)
+                self._lock()
                 self.nthreads -= 1
                 ke_unlock(self.mu)
                 self._notify_exited()
@@ -919,7 +1178,7 @@ cdef class Scheduler:
         if self.initializer is not None:
             self._initialize_worker()   # if it fails, the loop below only exits
         memset(&slot, 0, sizeof(WorkerSlot))
-        _acquire(self.mu)
+        self._lock()
         slot.next = self.workers
         self.workers = &slot
         while True:
@@ -965,7 +1224,7 @@ cdef class Scheduler:
                     status = self._run(<object>ks.key, &t)
                     if t.kind & K_TIMED:
                         ended = ke_now_ns()
-                    _acquire(self.mu)
+                    self._lock()
                     continue
                 if dead is not NULL:
                     # Release the previous dead key first, outside the mutex
@@ -982,6 +1241,8 @@ cdef class Scheduler:
                     ks.flags = S_IDLE
                     self._remove(ks)
                     self._unaccount_key(ks)
+                    if not _inboxable(ks.key):
+                        self._foreign_out()
                     dead = ks
                 ks = NULL
             ks = self._ready_pop()
@@ -996,6 +1257,7 @@ cdef class Scheduler:
                     # (who does the same): off the submitters' path.
                     if self.ready_head is not NULL and self.idle > self.wakeups and not self.pollers:
                         self.wakeups += 1
+                        self._dozing_changed()
                         ke_notify_one(self.work_cv)
                 continue
             if self.closing:
@@ -1012,19 +1274,32 @@ cdef class Scheduler:
                 # would take the cores from the threads that submit and run.
                 # To submitters it is an idle worker that needs no wake-up:
                 # the first key made ready meanwhile is its (self.polling).
-                self.pollers = 1
+                # It watches the inbox too (_push_lockfree).
+                ke_store_int(&self.pollers, 1)
                 self.polling = 1
                 polled = searching = True
                 with nogil:
                     ke_unlock(self.mu)
-                    _poll(<void **>&self.ready_head)
+                    _poll(<void **>&self.ready_head, &self.inbox)
                 _acquire(self.mu)
-                self.pollers = 0
+                # No longer polling, then queue the inbox (inbox.h's order):
+                # a submit that saw it polling finds its task queued here.
+                ke_store_int(&self.pollers, 0)
+                if _has_pushed(ke_peek(&self.inbox)) or self.backlog is not NULL:
+                    self._drain(NULL)   # the first key made ready is still its
                 self.polling = 0
                 continue
             polled = False
-            # Nothing to do: wait without the GIL.
+            # Nothing to do: wait without the GIL. First say so, then look at
+            # the inbox once more (inbox.h: a submit that pushed meanwhile
+            # either sees this worker asleep and wakes it, or is seen here).
             self.idle += 1
+            self._dozing_changed()
+            if _has_pushed(ke_inbox_look(&self.inbox)):
+                self.idle -= 1
+                self._dozing_changed()
+                self._drain(NULL)
+                continue
             # A worker that has run nothing yet does not retire: it was started
             # for a task about to be queued (_push), which would start it again.
             wait = -1.0 if fresh else self.idle_timeout
@@ -1033,16 +1308,23 @@ cdef class Scheduler:
                 self.idle -= 1
                 if self.wakeups:
                     self.wakeups -= 1
+                self._dozing_changed()
                 if not woke and self.ready_head is NULL and not self.closing:
-                    retire = True   # idle for idle_timeout seconds: give the thread back
-                    self.nthreads -= 1
-                    self._unlink_worker(&slot)
+                    # Idle for idle_timeout seconds: give the thread back. Count
+                    # it out first, then look at the inbox (inbox.h's order): a
+                    # submit that pushed meanwhile is seen here or sees this.
+                    ke_store_int(&self.nthreads, self.nthreads - 1)
+                    if _has_pushed(ke_inbox_look(&self.inbox)):
+                        ke_store_int(&self.nthreads, self.nthreads + 1)
+                    else:
+                        retire = True
+                        self._unlink_worker(&slot)
                 ke_unlock(self.mu)
             if retire:
                 self._notify_exited()
                 return
             searching = True
-            _acquire(self.mu)
+            self._lock()
         self.nthreads -= 1
         self._unlink_worker(&slot)
         ke_unlock(self.mu)
@@ -1071,9 +1353,10 @@ cdef class Scheduler:
         except BaseException as exc:
             report_failure(f"a worker initializer of {self.name!r} raised: the pool is broken",
                            exc)
-        _acquire(self.mu)
+        self._lock()
         if self.closing != CLOSED_FORK:
             self.closing = CLOSED_BROKEN
+        self._drain(KE_SHUT)   # closed: submits take the mutex and are refused
         ke_unlock(self.mu)
         ke_notify_all(self.work_cv)
         ke_notify_all(self.space_cv)
@@ -1146,9 +1429,12 @@ cdef class Scheduler:
 
     cdef int _close(self, int reason) except -1:
         cdef bint spawn = False
-        _acquire(self.mu)
+        self._lock()
         if not self.closing:
             self.closing = reason
+        # Submits from now on take the mutex and are refused; those that came
+        # through the inbox before are queued here (their submit returned).
+        self._drain(KE_SHUT)
         # Queued work with no worker left (a failed start): someone must run it.
         if self.pending and self.nthreads == 0 and reason != CLOSED_FORK:
             self.nthreads += 1
@@ -1183,7 +1469,7 @@ cdef class Scheduler:
         try:
             while True:   # size the buffer outside the mutex, then drain under it
                 if key is _ALL:
-                    _acquire(self.mu)
+                    self._lock()
                     need = self.pending
                 else:
                     ks = self._locate(key, h)
@@ -1277,7 +1563,7 @@ cdef class Scheduler:
         code runs under the mutex (the pure scheduler's finalizers may)."""
 
     cdef int _live_workers(self) except -1:
-        _acquire(self.mu)
+        self._lock()
         n = self.nthreads
         ke_unlock(self.mu)
         return n
@@ -1329,7 +1615,7 @@ cdef class Scheduler:
         cdef Py_ssize_t running, pending
         cdef size_t nkeys
         cdef unsigned long long submitted, completed, failed, cancelled
-        _acquire(self.mu)
+        self._lock()
         nthreads, running, pending, nkeys = self.nthreads, self.running, self.pending, self.nkeys
         submitted, completed = self.submitted, self.completed
         failed, cancelled = self.failed, self.cancelled
@@ -1340,7 +1626,7 @@ cdef class Scheduler:
     def timings(self):
         """(sample_every, wait bucket counts, wait sum ns, run bucket counts, run sum ns)"""
         cdef Timing copy
-        _acquire(self.mu)
+        self._lock()
         copy = self.timing
         ke_unlock(self.mu)
         return _timing_tuple(&copy)   # built unlocked: tuples may run the GC
@@ -1368,7 +1654,7 @@ cdef class Scheduler:
         cdef uint64_t t0, t1, longest = 0, now
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        _acquire(self.mu)
+        self._lock()
         cap = min(n, <Py_ssize_t>self.nkeys + 64)   # keys that arrive later may not fit: fine
         bits = self.bits
         ke_unlock(self.mu)
@@ -1382,7 +1668,7 @@ cdef class Scheduler:
             while True:
                 with nogil:
                     pass   # let threads waiting for the GIL run between chunks
-                _acquire(self.mu)
+                self._lock()
                 t0 = ke_now_ns()
                 if self.bits != bits:   # resized meanwhile: the same place in the new table
                     pos = pos << (self.bits - bits) if self.bits > bits else pos >> (bits - self.bits)
@@ -1444,7 +1730,7 @@ cdef class Scheduler:
         cdef uint64_t ran[SLOW_REPORTS]
         cdef int i, n = 0
         cdef uint64_t now = ke_now_ns()
-        _acquire(self.mu)
+        self._lock()
         w = self.workers
         while w is not NULL and n < SLOW_REPORTS:
             if w.ks is not NULL:
@@ -1504,7 +1790,25 @@ cdef class Scheduler:
 
     def _native_bytes(self):
         """Bytes of C memory held for keys, rings and the key table."""
-        return self.nbytes
+        cdef Py_ssize_t n
+        self._lock()   # tasks still in the inbox count once queued
+        n = self.nbytes
+        ke_unlock(self.mu)
+        return n
+
+    def _inboxed(self):
+        """Tasks submitted through the inbox and not queued yet (tests)."""
+        cdef Py_ssize_t n = 0
+        cdef Pushed *p
+        _acquire(self.mu)   # not _lock: that would queue them
+        p = <Pushed *>ke_inbox_look(&self.inbox)
+        if <void *>p is KE_SHUT:
+            p = NULL
+        while p is not NULL:   # pushes only prepend: the rest stays put
+            n += 1
+            p = p.next
+        ke_unlock(self.mu)
+        return n
 
     def _mapped_bytes(self):
         """The part of _native_bytes() in blocks mapped from the OS (blocks.h),
@@ -1512,7 +1816,7 @@ cdef class Scheduler:
         cdef size_t i, size
         cdef Py_ssize_t mapped = 0
         cdef KeyState *ks
-        _acquire(self.mu)
+        self._lock()
         size = sizeof(KeyState *) << self.bits
         if size >= KE_BIG_BLOCK:
             mapped += size
@@ -1528,7 +1832,7 @@ cdef class Scheduler:
     # -- fork: keep the state consistent across it, retire the copy in the child --
 
     def _before_fork(self):
-        _acquire(self.mu)
+        self._lock()
 
     def _after_fork_parent(self):
         ke_unlock(self.mu)
@@ -1554,6 +1858,12 @@ cdef class Scheduler:
         self._joining = 0
         self._threads = [me] if survivor else []
         self.workers = NULL   # the parent's workers' slots: not running here
+        self.dozing = 0
+        # Tasks the parent's submitters put in the inbox after _before_fork:
+        # queued here, then cancelled with the rest.
+        self._lock()
+        self._drain(KE_SHUT)
+        ke_unlock(self.mu)
         self.cancel_queued()
         self._cancel_orphans()
 
@@ -1591,17 +1901,20 @@ cdef void _timing_init(Timing *t, uint32_t every) noexcept:
 cdef inline bint _timing_take(Timing *t) noexcept nogil:
     """Once per accepted task (``every`` > 0): whether to time it. The gaps
     between timed tasks are random in [1, 2 * every - 1] (mean ``every``), so
-    that no periodic pattern of submits is in step with them."""
+    that no periodic pattern of submits is in step with them.
+
+    Atomic (inbox.h), for submits that take no lock: the one submit that
+    brings the countdown to 0 is timed and alone draws the next gap (the
+    countdown stays <= 0 until it is re-armed)."""
     cdef uint64_t x
-    t.countdown -= 1
-    if t.countdown:
+    if ke_countdown(&t.countdown) != 1:
         return False
     x = t.rng
     x ^= x << 13
     x ^= x >> 7
     x ^= x << 17
     t.rng = x
-    t.countdown = 1 + x % (2 * <uint64_t>t.every - 1)
+    ke_countdown_rearm(&t.countdown, <int64_t>(1 + x % (2 * <uint64_t>t.every - 1)))
     return True
 
 
