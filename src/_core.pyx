@@ -77,6 +77,7 @@ cdef extern from "Python.h":
     PyTypeObject_rc PyTuple_Type
     bint PyCallable_Check(object o)
     int PyErr_CheckSignals() except -1
+    void PyErr_SetInterrupt()
     void Py_INCREF_raw "Py_INCREF"(PyObject *o)
     void Py_DECREF_raw "Py_DECREF"(PyObject *o)
     void Py_XDECREF_raw "Py_XDECREF"(PyObject *o)
@@ -748,10 +749,14 @@ cdef class Scheduler:
     cdef void _drain(self, void *leave) noexcept:
         """(mutex held) Queue the inbox's tasks, oldest first, leaving the
         head ``leave`` (NULL; KE_SHUT to shut the inbox)."""
-        cdef Pushed *p = <Pushed *>ke_inbox_take(&self.inbox, leave)
+        cdef Pushed *p = NULL
         cdef Pushed *fifo = NULL
         cdef Pushed *nxt
         cdef Pushed *last
+        # A shut inbox stays shut unless the caller opens it (only holders of
+        # the mutex write KE_SHUT or NULL, and pushes fail on KE_SHUT).
+        if leave is not NULL or ke_inbox_look(&self.inbox) is not KE_SHUT:
+            p = <Pushed *>ke_inbox_take(&self.inbox, leave)
         if <void *>p is KE_SHUT:
             p = NULL
         last = p
@@ -894,17 +899,23 @@ cdef class Scheduler:
         if ((ke_load_int(&self.dozing) > 0 and not ke_load_int(&self.pollers))
                 or ke_load_int(&self.nthreads) < self.max_workers):
             self._lock()
-            spawn = self.pending and self.nthreads == 0 and not self.closing
+            # As on the mutex path: a worker for a ready key if none is free.
+            spawn = (self.ready_head is not NULL and self.idle + self.polling <= self.wakeups
+                     and self.nthreads < self.max_workers and not self.closing)
             if spawn:
                 self.nthreads += 1
             ke_unlock(self.mu)
             if spawn:
                 try:
                     self._spawn()
-                except RuntimeError as exc:   # "can't start new thread"; the task is queued
-                    report_failure("keyedexec could not start a worker thread; the queued "
-                                   "tasks wait for a later submit (or shutdown) to start one",
-                                   exc)
+                except BaseException as exc:
+                    # The task is accepted already: this submit must not raise.
+                    if isinstance(exc, KeyboardInterrupt):
+                        PyErr_SetInterrupt()   # Ctrl-C: raised once the submit returns
+                    else:   # "can't start new thread", MemoryError
+                        report_failure("keyedexec could not start a worker thread; the "
+                                       "queued tasks wait for a running worker or a later "
+                                       "submit to start one", exc)
         return 1
 
     # -- submission -------------------------------------------------------------
@@ -924,6 +935,7 @@ cdef class Scheduler:
         cdef bint notify = False, spawned = False, timed_out = False
         cdef double slice_
         cdef int refused = 0    # 1: closed, 2: own key full, 3: out of memory; raised unlocked
+        cdef bint reserved = False   # a key of another type shut the inbox (_foreign_in)
         cdef uint64_t stamp = 0
         cdef int drawn = -1     # _push_lockfree's timing decision, if it made one
         if not PyCallable_Check(fn):
@@ -939,6 +951,9 @@ cdef class Scheduler:
         while True:
             stamp = ke_coarse_ns()   # for hot_keys; read unlocked; a timed task's is precise
             ks = self._locate(key, h)   # the mutex is held from here
+            if reserved and ks is not NULL:   # an equal key came in meanwhile
+                self._foreign_out()
+                reserved = False
             if self.closing:
                 refused = 1
                 break
@@ -972,22 +987,36 @@ cdef class Scheduler:
                 ke_unlock(self.mu)
                 try:
                     self._spawn()
-                except RuntimeError as exc:   # "can't start new thread"
-                    if self._live_workers() == 0:
-                        raise   # nobody could run the task: refuse it
+                except BaseException as exc:
+                    if reserved:   # given back; the next turn reserves again
+                        self._lock()
+                        self._foreign_out()
+                        ke_unlock(self.mu)
+                        reserved = False
+                    if not isinstance(exc, RuntimeError) or self._live_workers() == 0:
+                        raise   # a signal's exception, or nobody could run the task
+                    # "can't start new thread"
                     report_failure("keyedexec could not start another worker thread; "
                                    "the running ones will serve the task", exc)
                 spawned = True
                 continue
             if ks is NULL:
-                if not _inboxable(<PyObject *>key):
+                if not reserved and not _inboxable(<PyObject *>key):
+                    # Shut the inbox (queueing what it holds), then look again:
+                    # an equal key of another type (1 for 1.0) may have come
+                    # in through it since _locate.
                     self._foreign_in()
+                    reserved = True
+                    ke_unlock(self.mu)
+                    continue
                 ks = self._insert(key, h)
                 if ks is NULL:
-                    if not _inboxable(<PyObject *>key):
+                    if reserved:
                         self._foreign_out()
+                        reserved = False
                     refused = 3
                     break
+                reserved = False   # the key holds the inbox shut now, until it leaves
             elif ks.count == ks.cap and self._grow_ring(ks) < 0:
                 refused = 3
                 break
@@ -1018,6 +1047,8 @@ cdef class Scheduler:
                 self._ready_push(ks)
                 notify = self._claim_wakeup()
             break
+        if reserved:   # refused before its key came in
+            self._foreign_out()
         ke_unlock(self.mu)
         if refused == 1:
             raise self._closed_error()
