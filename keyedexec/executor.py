@@ -120,7 +120,8 @@ def _check_interval(name: str, value: object) -> float:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not 0 <= value < threading.TIMEOUT_MAX:  # also rejects NaN and inf
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        raise ValueError(f"{name} must be >= 0 and finite (below threading.TIMEOUT_MAX), "
+                         f"got {value}")
     return float(value)
 
 

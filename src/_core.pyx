@@ -830,13 +830,19 @@ cdef class Scheduler:
             PyMem_Free(p)
             p = nxt
 
-    cdef void _foreign_in(self) noexcept:
+    cdef bint _foreign_in(self) noexcept:
         """(mutex held) A key that is not _inboxable is about to enter the
         table: shut the inbox first (queueing what it holds), so that no
-        queued-from-the-inbox key ever needs Python code to be compared."""
+        queued-from-the-inbox key ever needs Python code to be compared.
+        True if the inbox was open until now: the caller must look its key
+        up again, as an equal one may have come in through it."""
+        cdef bint was_open
         self.foreign += 1
-        if self.foreign == 1:
-            self._drain(KE_SHUT)
+        if self.foreign != 1:
+            return False
+        was_open = KE_INBOX and ke_inbox_look(&self.inbox) is not KE_SHUT
+        self._drain(KE_SHUT)
+        return was_open
 
     cdef void _foreign_out(self) noexcept:
         """(mutex held) A key that is not _inboxable left the table."""
@@ -1002,13 +1008,13 @@ cdef class Scheduler:
                 continue
             if ks is NULL:
                 if not reserved and not _inboxable(<PyObject *>key):
-                    # Shut the inbox (queueing what it holds), then look again:
-                    # an equal key of another type (1 for 1.0) may have come
-                    # in through it since _locate.
-                    self._foreign_in()
                     reserved = True
-                    ke_unlock(self.mu)
-                    continue
+                    if self._foreign_in():
+                        # It shut the inbox (queueing what it held): look again,
+                        # an equal key of another type (1 for 1.0) may have
+                        # come in through it since _locate.
+                        ke_unlock(self.mu)
+                        continue
                 ks = self._insert(key, h)
                 if ks is NULL:
                     if reserved:

@@ -243,7 +243,7 @@ def test_done_callback_raising_base_exception_on_a_cancelled_task(
         ({"mp_context": 3}, TypeError, "mp_context"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"linger": -1}, ValueError, "linger"),
-        ({"linger": math.inf}, ValueError, "linger must be a finite"),
+        ({"linger": math.inf}, ValueError, "linger must be >= 0 and finite"),
         ({"linger": None}, TypeError, "linger must be a number of seconds, got NoneType"),
         ({"initializer": 3}, TypeError, "initializer"),
         ({"initargs": 3}, TypeError, "initargs"),
